@@ -1,0 +1,115 @@
+"""Module hooks that feed per-position activations and output gradients to the layer states.
+
+A forward hook on each target module remembers the module's input and registers a gradient hook
+on its output; when the backward pass reaches that output, the input rows and output-gradient rows
+of the selected positions are added to the layer's factor sums. Accumulating both sides at
+gradient time means each forward that takes part in a backward pass counts exactly once — also
+under activation checkpointing, whose recomputed forwards never receive gradients of their own
+(non-reentrant) or run with gradients disabled the first time (reentrant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .state import LayerState
+
+__all__ = ["CaptureSession", "FactorCapture"]
+
+
+@dataclass
+class CaptureSession:
+    """What the hooks need to know about the batch in flight.
+
+    Attributes:
+        position_mask: boolean ``(batch, seq)`` mask of the positions that count (the batch's
+            ``attention_mask``), or ``None`` for every position.
+        grad_scale: multiplies each output gradient so it becomes the gradient of the
+            **sum-reduced** loss (e.g. the number of loss terms when the loss was a mean).
+        weight: multiplies this data's contribution to the sums and token counts.
+    """
+
+    position_mask: Tensor | None = None
+    grad_scale: float = 1.0
+    weight: float = 1.0
+
+
+def _select_rows(t: Tensor, mask: Tensor | None, layer: str, what: str) -> Tensor:
+    if mask is None:
+        return t.reshape(-1, t.shape[-1])
+    if tuple(mask.shape) != tuple(t.shape[:-1]):
+        raise ValueError(
+            f"the position mask has shape {tuple(mask.shape)} but the {what} of layer {layer!r} has "
+            f"leading shape {tuple(t.shape[:-1])}; pass batches whose attention_mask matches the "
+            "token layout, or collect with a loss_fn and no attention_mask to count every position"
+        )
+    return t[mask.to(device=t.device, dtype=torch.bool)]
+
+
+class FactorCapture:
+    """Owns the hooks on the target modules; active only inside :meth:`capturing`."""
+
+    def __init__(self, layers: dict[str, LayerState]) -> None:
+        self.layers = layers
+        self.session: CaptureSession | None = None
+        self._handles: list[RemovableHandle] = []
+
+    @contextmanager
+    def capturing(self, session: CaptureSession | None = None) -> Iterator[CaptureSession]:
+        """Install the hooks for the duration of the block (re-entrant calls are refused)."""
+        if self.session is not None:
+            raise RuntimeError("this projector is already capturing; nested capture() is not supported")
+        self.session = session if session is not None else CaptureSession()
+        for name, state in self.layers.items():
+            handle = state.geometry.module.register_forward_hook(
+                self._make_forward_hook(name, state), with_kwargs=True
+            )
+            self._handles.append(handle)
+        try:
+            yield self.session
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self.session = None
+
+    def _make_forward_hook(self, name: str, state: LayerState):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
+            session = self.session
+            if session is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return None
+            layer_input = args[0] if args else kwargs.get("input")
+            if not isinstance(layer_input, Tensor):
+                return None
+            replaced = None
+            if not output.requires_grad:
+                # Nothing upstream needs a gradient (frozen weights, no grad on the input): make the
+                # output a leaf so the loss still reaches it; its value is unchanged.
+                replaced = output = output.detach().requires_grad_()
+            saved_input = layer_input.detach()
+            version = layer_input._version
+            mask, scale, weight = session.position_mask, session.grad_scale, session.weight
+
+            def on_output_grad(grad: Tensor) -> None:
+                if layer_input._version != version:
+                    raise RuntimeError(
+                        f"the input of layer {name!r} was modified in place after its forward pass; "
+                        "its curvature cannot be captured (avoid in-place ops on that activation)"
+                    )
+                a = _select_rows(saved_input, mask, name, "input")
+                g = _select_rows(grad, mask, name, "output gradient")
+                if scale != 1.0:
+                    g = g.to(state.factor_dtype) * scale
+                state.accumulate(a, g, weight=weight)
+
+            output.register_hook(on_output_grad)
+            return replaced
+
+        return hook

@@ -1,0 +1,88 @@
+"""User-facing configuration of a :class:`~torch_crisp.CrispProjector`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+import torch
+
+__all__ = ["CrispConfig"]
+
+TargetModules = Union[list[str], str]
+
+_FISHER_TYPES = ("empirical",)
+_CURVATURES = ("kfac",)
+_FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class CrispConfig:
+    """What to project and how strongly.
+
+    Attributes:
+        target_modules: which linear layers to project, peft-style: a list of module-name
+            suffixes (``["mlp.down_proj"]`` matches ``model.layers.3.mlp.down_proj``), a regular
+            expression matched against the full module name (``r".*\\.(q|v)_proj"``), or
+            ``"all-linear"`` (every ``nn.Linear`` / Hugging Face ``Conv1D`` except the output
+            embedding).
+        gamma: energy threshold in ``(0, 1)``: the fraction of the capability curvature energy
+            whose directions are blocked. Larger blocks more.
+        fisher: how output gradients are obtained: ``"empirical"`` uses the data's labels.
+        curvature: curvature model of each direction; ``"kfac"`` uses ``λ_out_i · λ_in_j``.
+        factor_dtype: ``"float32"`` or ``"float64"``; factors are accumulated in this dtype
+            whatever the model's dtype.
+    """
+
+    target_modules: TargetModules = field(default_factory=lambda: ["mlp.down_proj"])
+    gamma: float = 0.9
+    fisher: str = "empirical"
+    curvature: str = "kfac"
+    factor_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a corrective message for any invalid field."""
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+            raise ValueError(f"gamma must be a float in (0, 1), got {self.gamma!r}")
+        if not 0.0 < float(self.gamma) < 1.0:
+            raise ValueError(
+                f"gamma must lie strictly between 0 and 1, got {self.gamma}; typical values are "
+                "0.9 to 0.999 (larger blocks more curvature)"
+            )
+        if self.fisher not in _FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {_FISHER_TYPES}, got {self.fisher!r}")
+        if self.curvature not in _CURVATURES:
+            raise ValueError(f"curvature must be one of {_CURVATURES}, got {self.curvature!r}")
+        if self.factor_dtype not in _FACTOR_DTYPES:
+            raise ValueError(
+                f"factor_dtype must be one of {tuple(_FACTOR_DTYPES)}, got {self.factor_dtype!r}"
+            )
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets != "all-linear":
+                try:
+                    re.compile(targets)
+                except re.error as err:
+                    raise ValueError(
+                        f"target_modules {targets!r} is neither 'all-linear' nor a valid regular "
+                        f"expression ({err}); pass a list of name suffixes instead"
+                    ) from None
+        elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
+            self.target_modules = list(targets)
+        else:
+            raise ValueError(
+                "target_modules must be a non-empty list of module-name suffixes "
+                f"(e.g. ['mlp.down_proj']), a regex string, or 'all-linear'; got {targets!r}"
+            )
+
+    @property
+    def torch_factor_dtype(self) -> torch.dtype:
+        return _FACTOR_DTYPES[self.factor_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (inverse of ``CrispConfig(**d)``)."""
+        return asdict(self)

@@ -1,0 +1,150 @@
+"""Which modules are projected, and how a module's parameters map to the logical ``W``.
+
+A projected layer computes ``z = W a + b`` with a logical weight ``W`` of shape
+``(d_out, d_in)``. ``nn.Linear`` stores ``W`` as is; Hugging Face's ``Conv1D`` (GPT-2 family)
+stores its transpose. The orientation is decided by the module type and weight shape only.
+With a bias, the gradient matrix is ``[∂W | ∂b]`` of shape ``(d_out, d_in + 1)`` so the bias
+column is projected together with ``W`` (matching the bias-augmented input factor).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import TargetModules
+
+__all__ = ["LinearGeometry", "find_target_modules", "is_projectable"]
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D without importing transformers (the core must not).
+    if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf
+
+
+def is_projectable(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` (and subclasses) and Hugging Face ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+
+
+@dataclass(frozen=True)
+class LinearGeometry:
+    """How to read and write the gradient matrix ``[∂W | ∂b]`` of one module."""
+
+    module: nn.Module
+    transposed: bool  # True for Conv1D: module.weight is Wᵀ
+
+    @classmethod
+    def of(cls, module: nn.Module) -> LinearGeometry:
+        if not is_projectable(module):
+            raise TypeError(f"{type(module).__name__} is not an nn.Linear or Hugging Face Conv1D")
+        return cls(module=module, transposed=_is_hf_conv1d(module))
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        bias = getattr(self.module, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0 if not self.transposed else 1]
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[1 if not self.transposed else 0]
+
+    @property
+    def d_in_augmented(self) -> int:
+        return self.d_in + int(self.has_bias)
+
+    def parameters(self) -> list[Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def as_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``[W | b]`` of shape ``(d_out, d_in[+1])`` from tensors shaped like the parameters."""
+        w = weight.mT if self.transposed else weight
+        if bias is None:
+            return w
+        return torch.cat([w, bias.unsqueeze(-1)], dim=-1)
+
+    def split_matrix(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`as_matrix`: tensors shaped like ``(weight, bias)``."""
+        w = matrix[..., : self.d_in]
+        w = w.mT if self.transposed else w
+        bias = matrix[..., self.d_in] if self.has_bias else None
+        return w, bias
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            return getter()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
+def find_target_modules(model: nn.Module, target_modules: TargetModules) -> dict[str, nn.Module]:
+    """Resolve a peft-style ``target_modules`` spec to ``{name: module}`` in model order.
+
+    Only projectable modules (``nn.Linear`` / ``Conv1D``) are returned. Raises ``ValueError``
+    naming the pattern when a suffix, a regex or ``"all-linear"`` matches no projectable module.
+    """
+    linear: list[tuple[str, nn.Module]] = [
+        (name, module) for name, module in model.named_modules() if name and is_projectable(module)
+    ]
+    if not linear:
+        raise ValueError(
+            f"{type(model).__name__} contains no nn.Linear or Conv1D module; nothing can be projected"
+        )
+
+    def examples() -> str:
+        names = [n for n, _ in linear]
+        shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+        return f"linear modules of this model include: {shown}"
+
+    if target_modules == "all-linear":
+        output = _output_embedding(model)
+        selected = [(n, m) for n, m in linear if m is not output]
+        if not selected:
+            raise ValueError("target_modules='all-linear' matched nothing besides the output embedding")
+        return dict(selected)
+
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        selected = [(n, m) for n, m in linear if pattern.fullmatch(n)]
+        if not selected:
+            raise ValueError(
+                f"target_modules regex {target_modules!r} matches no linear module (it must match "
+                f"the full module name); {examples()}"
+            )
+        return dict(selected)
+
+    def matches(name: str, suffix: str) -> bool:
+        return name == suffix or name.endswith("." + suffix)
+
+    for suffix in target_modules:
+        if not any(matches(n, suffix) for n, _ in linear):
+            raise ValueError(f"target_modules entry {suffix!r} matches no linear module; {examples()}")
+    return {n: m for n, m in linear if any(matches(n, s) for s in target_modules)}
+
+
+def iter_geometries(modules: dict[str, nn.Module]) -> Iterator[tuple[str, LinearGeometry]]:
+    for name, module in modules.items():
+        yield name, LinearGeometry.of(module)
