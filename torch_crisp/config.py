@@ -63,6 +63,8 @@ class CrispConfig:
             )
         targets = self.target_modules
         if isinstance(targets, str):
+            if not targets:
+                raise ValueError("target_modules is an empty string; pass e.g. ['mlp.down_proj'] or 'all-linear'")
             if targets != "all-linear":
                 try:
                     re.compile(targets)

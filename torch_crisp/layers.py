@@ -75,7 +75,7 @@ class LinearGeometry:
     def parameters(self) -> list[Tensor]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
-    def as_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def as_matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``[W | b]`` of shape ``(d_out, d_in[+1])`` from tensors shaped like the parameters."""
         w = weight.mT if self.transposed else weight
         if bias is None:
@@ -115,9 +115,10 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules) -> dict
         )
 
     def examples() -> str:
-        names = [n for n, _ in linear]
-        shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
-        return f"linear modules of this model include: {shown}"
+        # distinct name endings ("mlp.down_proj") say more than the first few full names
+        endings = list(dict.fromkeys(".".join(n.split(".")[-2:]) for n, _ in linear))
+        shown = ", ".join(endings[:12]) + (", …" if len(endings) > 12 else "")
+        return f"linear modules of this model end in: {shown}"
 
     if target_modules == "all-linear":
         output = _output_embedding(model)

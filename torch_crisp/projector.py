@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from .state import LayerState
 __all__ = ["CrispProjector", "LossFn"]
 
 # loss_fn(model, batch) returns the sum-reduced loss, or (mean-reduced loss, number of terms).
-LossFn = Callable[[nn.Module, Any], Union[Tensor, tuple[Tensor, Union[int, Tensor]]]]
+LossFn = Callable[[nn.Module, Any], Tensor | tuple[Tensor, int | Tensor]]
 
 IGNORE_INDEX = -100  # Hugging Face / PyTorch cross-entropy convention
 
@@ -187,7 +187,9 @@ class CrispProjector:
                         break
                     seen += 1
                     batch = _move_to(batch, device)
-                    loss, session.position_mask = self._sum_reduced_loss(batch, loss_fn)
+                    # the hooks read the mask during the forward pass, so set it first
+                    session.position_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                    loss = self._sum_reduced_loss(batch, loss_fn)
                     if loss is None:
                         continue
                     if not loss.requires_grad:
@@ -205,14 +207,13 @@ class CrispProjector:
         self.update_basis()
         return self
 
-    def _sum_reduced_loss(self, batch: Any, loss_fn: LossFn | None) -> tuple[Tensor | None, Tensor | None]:
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    def _sum_reduced_loss(self, batch: Any, loss_fn: LossFn | None) -> Tensor | None:
         if loss_fn is not None:
             result = loss_fn(self.model, batch)
             if isinstance(result, tuple):
                 mean_loss, num_terms = result
-                return mean_loss * num_terms, mask
-            return result, mask
+                return mean_loss * num_terms
+            return result
         if not isinstance(batch, Mapping):
             raise ValueError(
                 f"batches of type {type(batch).__name__} need loss_fn=lambda model, batch: <sum-reduced "
@@ -230,9 +231,9 @@ class CrispProjector:
         num_terms = _num_loss_terms(self.model, batch["labels"])
         if num_terms == 0:
             warnings.warn("skipping a batch whose labels are all -100 (no loss terms)", stacklevel=3)
-            return None, mask
+            return None
         # Hugging Face returns the mean over num_terms; the factors need the sum-reduced loss.
-        return loss * num_terms, mask
+        return loss * num_terms
 
     def update_basis(self) -> CrispProjector:
         """Eigendecompose every layer's factors and recompute masks for ``config.gamma``."""
@@ -291,7 +292,7 @@ class CrispProjector:
             q_sq, p_sq = Q.float().square().sum(), P.float().square().sum()
             total_sq = q_sq if total_sq is None else total_sq + q_sq
             removed_sq = q_sq - p_sq if removed_sq is None else removed_sq + (q_sq - p_sq)
-            for param, grad, new in zip(params, grads, geometry.split_matrix(P)):
+            for grad, new in zip(grads, geometry.split_matrix(P)):
                 if grad is not None and new is not None:
                     grad.copy_(new)
         self._removed_sq, self._total_sq = removed_sq, total_sq

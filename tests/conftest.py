@@ -1,0 +1,27 @@
+"""Shared fixtures for the test suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tiny_models import lm_batch, tiny_gpt2, tiny_llama
+
+# Two cores in CI: more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def lm_batches():
+    return [lm_batch(seed) for seed in range(3)]

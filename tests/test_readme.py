@@ -1,0 +1,29 @@
+"""The README's usage example runs, and examples/quickstart.py is exactly that example."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"## Usage.*?```python\n(.*?)```", text, re.S)
+    assert match, "README.md lost its usage example"
+    return match.group(1)
+
+
+def test_quickstart_is_the_readme_example():
+    assert readme_example() in (ROOT / "examples" / "quickstart.py").read_text()
+
+
+def test_readme_example_runs_and_trains_within_the_kept_subspace(capsys):
+    namespace = runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    projector = namespace["projector"]
+    fractions = projector.kept_fraction()
+    assert set(fractions) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert all(0.0 < f < 1.0 for f in fractions.values())
+    assert "model.layers.0.mlp.down_proj" in capsys.readouterr().out
