@@ -2,6 +2,7 @@
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
 from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector
 
 torch.manual_seed(0)

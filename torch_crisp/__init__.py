@@ -9,6 +9,14 @@ from . import functional
 from .config import CrispConfig
 from .optimizer import CrispOptimizer
 from .projector import CrispProjector
+from .sequential import SequentialEditor, reproject_optimizer_state
 
-__all__ = ["CrispConfig", "CrispOptimizer", "CrispProjector", "functional"]
+__all__ = [
+    "CrispConfig",
+    "CrispOptimizer",
+    "CrispProjector",
+    "SequentialEditor",
+    "functional",
+    "reproject_optimizer_state",
+]
 __version__ = "0.1.0"

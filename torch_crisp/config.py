@@ -12,8 +12,8 @@ __all__ = ["CrispConfig"]
 
 TargetModules = Union[list[str], str]
 
-_FISHER_TYPES = ("empirical",)
-_CURVATURES = ("kfac",)
+_FISHER_TYPES = ("empirical", "mc")
+_CURVATURES = ("kfac", "ekfac", "activations")
 _FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -29,8 +29,13 @@ class CrispConfig:
             embedding).
         gamma: energy threshold in ``(0, 1)``: the fraction of the capability curvature energy
             whose directions are blocked. Larger blocks more.
-        fisher: how output gradients are obtained: ``"empirical"`` uses the data's labels.
-        curvature: curvature model of each direction; ``"kfac"`` uses ``λ_out_i · λ_in_j``.
+        fisher: how output gradients are obtained: ``"empirical"`` uses the data's labels;
+            ``"mc"`` samples labels from the model's own softmax (Gauss-Newton / true Fisher for
+            cross-entropy; needs logits, see ``CrispProjector.collect``). ``A`` is the same for both.
+        curvature: curvature model of each direction; ``"kfac"`` uses ``λ_out_i · λ_in_j``;
+            ``"ekfac"`` keeps the K-FAC eigenbases but uses ``c_ij = E_n[(U_outᵀ G_n U_in)_ij²]`` over
+            per-example gradients (a second pass over the data); ``"activations"`` (AlphaEdit /
+            Adam-NSCL baseline) applies the energy rule to ``λ_in`` alone. See ``docs/curvature.md``.
         factor_dtype: ``"float32"`` or ``"float64"``; factors are accumulated in this dtype
             whatever the model's dtype.
     """

@@ -106,9 +106,11 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules) -> dict
     Only projectable modules (``nn.Linear`` / ``Conv1D``) are returned. Raises ``ValueError``
     naming the pattern when a suffix, a regex or ``"all-linear"`` matches no projectable module.
     """
-    linear: list[tuple[str, nn.Module]] = [
-        (name, module) for name, module in model.named_modules() if name and is_projectable(module)
-    ]
+    # peft tuner wrappers (LoRA) count as the layer they wrap, under the wrapper's name; lazy
+    # import because torch_crisp.lora takes is_projectable from this module.
+    from .lora import named_projectable_modules
+
+    linear: list[tuple[str, nn.Module]] = list(named_projectable_modules(model, is_projectable))
     if not linear:
         raise ValueError(
             f"{type(model).__name__} contains no nn.Linear or Conv1D module; nothing can be projected"

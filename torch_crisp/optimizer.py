@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from .projector import CrispProjector
 
-__all__ = ["CrispOptimizer"]
+__all__ = ["CrispOptimizer", "ParameterChange"]
 
 _MODES = ("grad", "update")
 
@@ -86,7 +86,7 @@ class CrispOptimizer(Optimizer):
         self.optimizer.defaults = value
 
     def _warn_unprojected_parameters(self) -> None:
-        projected = {id(p) for state in self.projector.layers.values() for p in state.geometry.parameters()}
+        projected = {id(p) for p in self.projector.projected_parameters()}
         outside = [
             p for group in self.param_groups for p in group["params"] if p.requires_grad and id(p) not in projected
         ]
@@ -115,35 +115,14 @@ class CrispOptimizer(Optimizer):
         if self.mode == "grad":
             self.projector.project_()
             self.optimizer.step()
+            # LoRA adapters are constrained through their parameters (torch_crisp.lora): re-project
+            # them after the inner step so any optimizer keeps scaling·B·A in the kept set.
+            self.projector.project_lora_parameters_()
         else:
-            before = self._snapshot()
+            change = ParameterChange(self.projector)
             self.optimizer.step()
-            self._project_change_(before)
+            change.project_()
         return loss
-
-    def _snapshot(self) -> list[tuple[Any, list[Tensor], Tensor]]:
-        snapshot = []
-        for state in self.projector.layers.values():
-            self.projector._require_basis(state)
-            params = state.geometry.parameters()
-            if any(p.requires_grad for p in params):
-                snapshot.append((state, params, state.geometry.as_matrix(*self._weight_bias(state, params)).clone()))
-        return snapshot
-
-    @staticmethod
-    def _weight_bias(state: Any, params: list[Tensor]) -> tuple[Tensor, Tensor | None]:
-        return params[0].detach(), (params[1].detach() if state.geometry.has_bias else None)
-
-    def _project_change_(self, snapshot: list[tuple[Any, list[Tensor], Tensor]]) -> None:
-        for state, params, before in snapshot:
-            after = state.geometry.as_matrix(*self._weight_bias(state, params))
-            delta = after.to(before.dtype) - before
-            if not delta.any():
-                continue  # e.g. GradScaler skipped the step
-            projected = before + state.project(delta)
-            for param, value in zip(params, state.geometry.split_matrix(projected)):
-                if value is not None and param.requires_grad:
-                    param.copy_(value)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -177,3 +156,54 @@ class CrispOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+class ParameterChange:
+    """The projected parameters before an optimizer step; :meth:`project_` projects the change.
+
+    Update-mode projection, shared by :class:`CrispOptimizer` and the Trainer callback: each
+    target layer's change ``Δ = [W | b]_after − [W | b]_before`` is replaced by ``P(Δ)``, and LoRA
+    adapters are re-projected into their kept rectangles. Costs one copy of the projected
+    parameters while the step runs.
+    """
+
+    def __init__(self, projector: CrispProjector) -> None:
+        self.projector = projector
+        self._layers: list[tuple[Any, list[Tensor], Tensor]] = []
+        for state in projector.layers.values():
+            projector.require_basis(state)
+            params = state.geometry.parameters()
+            if any(p.requires_grad for p in params):
+                self._layers.append((state, params, self._matrix(state, params).clone()))
+        # LoRA parameters already lie in their subspaces (projected after every step)
+        self._lora = [(p, p.detach().clone()) for layer in projector.lora_layers.values() for p in layer.parameters()]
+
+    @staticmethod
+    def _matrix(state: Any, params: list[Tensor]) -> Tensor:
+        return state.geometry.as_matrix(params[0].detach(), params[1].detach() if state.geometry.has_bias else None)
+
+    @torch.no_grad()
+    def project_(self) -> tuple[float, float]:
+        """Project this step's changes in place; return ``(‖Δ‖², ‖Δ − P(Δ)‖²)`` summed over layers.
+
+        The projector's :attr:`~CrispProjector.last_removed_fraction` is updated from them.
+        """
+        total = removed = 0.0
+        for state, params, before in self._layers:
+            delta = self._matrix(state, params).to(before.dtype) - before
+            if not delta.any():
+                continue  # the step was skipped (GradScaler overflow) or the layer did not move
+            projected = state.project(delta)
+            d_sq = float(delta.float().square().sum())
+            total += d_sq
+            removed += max(d_sq - float(projected.float().square().sum()), 0.0)
+            for param, value in zip(params, state.geometry.split_matrix(before + projected)):
+                if value is not None and param.requires_grad:
+                    param.copy_(value)
+        if self._lora:
+            stepped = [p.detach().clone() for p, _ in self._lora]
+            self.projector.project_lora_parameters_()
+            total += sum(float((s - old).float().square().sum()) for s, (_, old) in zip(stepped, self._lora))
+            removed += sum(float((p.detach() - s).float().square().sum()) for (p, _), s in zip(self._lora, stepped))
+        self.projector._total_sq, self.projector._removed_sq = torch.tensor(total), torch.tensor(removed)
+        return total, removed

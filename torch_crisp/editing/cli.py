@@ -1,0 +1,281 @@
+"""``torch-crisp edit`` and ``torch-crisp demo``: registered into :mod:`torch_crisp.cli`.
+
+Each ``register_*`` adds its subparser and sets ``func`` to a function taking the parsed args and
+returning an exit code; user mistakes raise ``CLIError`` / ``ValueError`` / ``OSError``, which the
+main entry point prints as one line. transformers is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "register_demo", "register_edit", "run_demo_command", "run_edit"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register both ``edit`` and ``demo``."""
+    register_edit(subparsers)
+    register_demo(subparsers)
+
+
+# ----------------------------------------------------------------------------- edit
+def register_edit(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "edit",
+        help="apply knowledge edits to a local Hugging Face model with CrispEdit",
+        description="Edit a local causal LM from a JSON/JSONL file of edit requests (EasyEdit, CounterFact or "
+        "ZsRE records), projecting every update onto the low-curvature directions of saved capability "
+        "factors; save the edited model (safetensors) and a JSON report of reliability, generalisation, "
+        "locality and capability before/after.",
+    )
+    parser.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder")
+    parser.add_argument("--edits", required=True, metavar="FILE", help="edit requests (.json or .jsonl)")
+    parser.add_argument(
+        "--factors",
+        metavar="DIR",
+        help="projector folder from 'torch-crisp collect'; if it does not exist, --capability-data is collected "
+        "into it first",
+    )
+    parser.add_argument("--capability-data", metavar="FILE", help=".txt/.jsonl capability corpus to collect factors on")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the edited model and edit_report.json")
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="LAYER",
+        help="layers to edit: block indices (3 means layers.3.mlp.down_proj) or module-name suffixes; "
+        "default: those of --factors, else the two middle blocks' mlp.down_proj",
+    )
+    parser.add_argument("--gamma", type=float, help="energy threshold (default: the saved one, else 0.99)")
+    parser.add_argument("--mode", choices=["grad", "update"], default="grad", help="project gradients or updates")
+    parser.add_argument("--no-crisp", action="store_true", help="plain fine-tuning of the same layers (baseline)")
+    parser.add_argument("--epochs", type=int, default=50, help="maximum passes over the edits (default 50)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=8, help="edits per step (default 8)")
+    parser.add_argument("--stop-at", type=float, default=1.0, help="stop once this fraction of edits is learnt")
+    parser.add_argument("--eval-data", metavar="FILE", help="held-out .txt/.jsonl text: perplexity before and after")
+    parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget of the evaluation")
+    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N edit records")
+    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_edit)
+
+
+def _layer_suffixes(values: list[str]) -> list[str]:
+    return [f"layers.{v}.mlp.down_proj" if v.isdigit() else v for v in values]
+
+
+def _projector(args: argparse.Namespace, model: Any, tokenizer: Any, targets: list[str] | None, log: Any) -> Any:
+    from torch_crisp import CrispConfig, CrispProjector
+    from torch_crisp.cli import CLIError, pad_token_id
+    from torch_crisp.corpus import lm_batches, read_documents, token_windows
+
+    factors = Path(args.factors) if args.factors else None
+    if factors is not None and factors.exists():
+        projector = CrispProjector.from_pretrained(factors, model, gamma=args.gamma)
+        saved = projector.config.target_modules
+        if args.layers and targets != saved:
+            log(f"note: --layers ignored; the factors in {factors} belong to {saved}")
+        return projector
+    if args.capability_data is None:
+        if factors is not None:
+            raise CLIError(f"--factors {factors} does not exist; pass --capability-data to collect it there")
+        raise CLIError("pass --factors DIR (from 'torch-crisp collect') or --capability-data FILE, or --no-crisp")
+    if targets is None:
+        n = model.config.num_hidden_layers
+        targets = _layer_suffixes([str(max(n // 2 - 1, 0)), str(n // 2)] if n > 1 else ["0"])
+    config = CrispConfig(target_modules=targets, gamma=args.gamma if args.gamma is not None else 0.99)
+    documents = read_documents(args.capability_data)
+    windows = list(token_windows(tokenizer, documents, seq_len=512))
+    if not windows:
+        raise CLIError(f"--capability-data {args.capability_data} yields no text to collect on")
+    projector = CrispProjector(model, config)
+    projector.collect(lm_batches(windows, batch_size=8, pad_id=pad_token_id(tokenizer)), progress=not args.quiet)
+    if factors is not None:
+        projector.save_pretrained(factors)
+        log(f"collected factors on {len(windows)} windows, saved to {factors}")
+    return projector
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from torch_crisp import CrispOptimizer
+    from torch_crisp.cli import CLIError, load_hf_model, resolve_device
+
+    from .evaluation import evaluate_requests, locality_reference, perplexity
+    from .loop import EditSettings, apply_edits, train_only
+    from .requests import load_requests
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if value < 1:
+            raise CLIError(f"{flag} must be a positive integer, got {value}")
+    if args.lr <= 0:
+        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.no_crisp and (args.factors or args.capability_data):
+        log("note: --no-crisp ignores --factors / --capability-data")
+    requests = load_requests(args.edits, limit=args.limit)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_hf_model(Path(args.model), "auto", resolve_device(args.device), args.quiet)
+    model.eval()
+    targets = _layer_suffixes(args.layers) if args.layers else None
+    gen = {"max_new_tokens": args.max_new_tokens, "chat_template": args.chat_template}
+    reference = locality_reference(model, tokenizer, requests, **gen)
+    eval_texts = None
+    if args.eval_data:
+        from torch_crisp.corpus import read_documents
+
+        eval_texts = read_documents(args.eval_data)[:512]
+    report: dict[str, Any] = {"model": str(args.model), "edits": str(args.edits), "num_edits": len(requests)}
+    report["before"] = evaluate_requests(model, tokenizer, requests, reference, **gen)
+    if eval_texts:
+        report["before"]["perplexity"] = perplexity(model, tokenizer, eval_texts)
+
+    if args.no_crisp:
+        if targets is None:
+            n = model.config.num_hidden_layers
+            targets = _layer_suffixes([str(max(n // 2 - 1, 0)), str(n // 2)] if n > 1 else ["0"])
+        names = [name for name, _ in model.named_modules() if any(name.endswith(t) for t in targets)]
+        if not names:
+            raise CLIError(f"--layers {targets} match no module of the model")
+        params = train_only(model, names)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=args.lr)
+        report["method"] = {"name": "fine-tuning", "layers": names}
+    else:
+        projector = _projector(args, model, tokenizer, targets, log)
+        params = train_only(model, projector.target_names)
+        optimizer = CrispOptimizer(torch.optim.Adam(params, lr=args.lr), projector, mode=args.mode)
+        report["method"] = {
+            "name": "crisp",
+            "mode": args.mode,
+            "gamma": projector.config.gamma,
+            "layers": projector.target_names,
+            "kept_fraction": projector.kept_fraction(),
+        }
+    settings = EditSettings(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        stop_at=args.stop_at,
+        chat_template=args.chat_template,
+        progress=not args.quiet,
+    )
+    run = apply_edits(model, tokenizer, requests, optimizer, settings)
+    report["run"] = run.to_dict()
+    report["after"] = evaluate_requests(model, tokenizer, requests, reference, **gen)
+    if eval_texts:
+        report["after"]["perplexity"] = perplexity(model, tokenizer, eval_texts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "edit_report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    after = report["after"]
+    print(
+        f"edited {len(requests)} facts in {run.seconds:.1f} s ({run.epochs} epochs): reliability "
+        f"{after['reliability']:.3f}, generalization {_fmt(after['generalization'])}, locality "
+        f"{_fmt(after.get('locality'))}; model and edit_report.json written to {out}"
+    )
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# ----------------------------------------------------------------------------- demo
+def register_demo(subparsers: argparse._SubParsersAction) -> None:
+    from .demo.compare import ALL_METHODS
+
+    parser = subparsers.add_parser(
+        "demo",
+        help="pretrain a tiny model on a generated world and compare editing methods",
+        description="Generate a fictional world (facts + skills), pretrain a small Llama on it on the CPU "
+        "(cached; --retrain to rebuild), apply counterfactual edits with fine-tuning, CrispEdit and baselines, "
+        "and print/write the comparison (results.json, tradeoff.svg).",
+    )
+    parser.add_argument(
+        "--out", default="torch_crisp_demo", metavar="DIR", help="output folder (default ./torch_crisp_demo)"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny world and model (about a minute; used by tests)")
+    parser.add_argument("--edits", type=int, metavar="N", help="number of counterfactual edits (default 100; 6 quick)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS,
+        default=list(ALL_METHODS),
+        metavar="METHOD",
+        help=f"methods to compare (default: all of {', '.join(ALL_METHODS)})",
+    )
+    parser.add_argument("--gamma", type=float, default=0.99, help="energy threshold of CrispEdit (default 0.99)")
+    parser.add_argument(
+        "--lr", type=float, default=5e-3, help="Adam learning rate of the full-weight methods (default 5e-3)"
+    )
+    parser.add_argument(
+        "--lora-lr", type=float, default=3e-3, help="Adam learning rate of the LoRA methods (default 3e-3)"
+    )
+    parser.add_argument("--epochs", type=int, default=150, help="maximum passes over the edits (default 150)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", metavar="I", help="blocks whose mlp.down_proj is edited (default: all)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and the runs")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where base models are cached (default: user cache)")
+    parser.add_argument("--retrain", action="store_true", help="pretrain the base model again")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="only the final table")
+    parser.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from torch_crisp.cli import CLIError
+
+    from .demo.compare import DemoSettings, format_table, run_demo
+
+    if args.edits is not None and args.edits < 1:
+        raise CLIError(f"--edits must be a positive integer, got {args.edits}")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be a positive integer, got {args.epochs}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    settings = DemoSettings(
+        quick=args.quick,
+        num_edits=args.edits,
+        methods=tuple(args.methods),
+        gamma=args.gamma,
+        lr=args.lr,
+        lora_lr=args.lora_lr,
+        layers=args.layers,
+        max_epochs=args.epochs,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        retrain=args.retrain,
+        progress=not args.quiet,
+        log=(lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
+    )
+    start = time.perf_counter()
+    results = run_demo(settings, out_dir=args.out)
+    print(format_table(results))
+    print(
+        f"\n{len(results['methods'])} methods in {time.perf_counter() - start:.0f} s; "
+        f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'tradeoff.svg'}"
+    )
+    return 0
