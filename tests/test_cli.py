@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -112,7 +111,6 @@ def test_collect_then_inspect_then_load_in_python(model_dir, data_txt, tmp_path,
         assert layer["num_tokens"] == 28
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the plot extra is not installed")
 def test_inspect_plot_writes_an_image(model_dir, data_txt, tmp_path, capsys):
     out = tmp_path / "p"
     assert run_cli(capsys, "collect", "--model", model_dir, "--data", data_txt, "--out", out, "--quiet",

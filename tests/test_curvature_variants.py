@@ -409,8 +409,6 @@ def test_control_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     import sys
     from pathlib import Path
 
-    pytest.importorskip("sklearn", reason="the benchmark needs scikit-learn (pip install -e '.[dev]')")
-    pytest.importorskip("matplotlib", reason="the benchmark needs matplotlib (pip install -e '.[dev]')")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "control" / "run.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .state import LayerState
 
-__all__ = ["CaptureSession", "FactorCapture"]
+__all__ = ["CaptureSession", "FactorCapture", "OutputGradientHooks"]
 
 
 @dataclass
@@ -53,8 +53,16 @@ def _select_rows(t: Tensor, mask: Tensor | None, layer: str, what: str) -> Tenso
     return t[mask.to(device=t.device, dtype=torch.bool)]
 
 
-class FactorCapture:
-    """Owns the hooks on the target modules; active only inside :meth:`capturing`."""
+class OutputGradientHooks:
+    """Forward hooks on the target modules that call :meth:`on_output_grad` during backward.
+
+    Active only inside :meth:`capturing`. For each forward pass with gradients enabled, the hook
+    keeps the module's input and registers a hook on its output; when the output's gradient
+    arrives, :meth:`on_output_grad` receives both with the session settings of that forward pass.
+    Subclasses decide what to accumulate.
+    """
+
+    purpose = "its curvature cannot be captured"  # completes the error for an input modified in place
 
     def __init__(self, layers: dict[str, LayerState]) -> None:
         self.layers = layers
@@ -80,6 +88,11 @@ class FactorCapture:
             self._handles.clear()
             self.session = None
 
+    def on_output_grad(
+        self, name: str, state: LayerState, layer_input: Tensor, grad: Tensor, session: CaptureSession
+    ) -> None:
+        raise NotImplementedError
+
     def _make_forward_hook(self, name: str, state: LayerState):
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
             session = self.session
@@ -95,21 +108,31 @@ class FactorCapture:
                 replaced = output = output.detach().requires_grad_()
             saved_input = layer_input.detach()
             version = layer_input._version
-            mask, scale, weight = session.position_mask, session.grad_scale, session.weight
+            # the settings of this forward pass: the session may move on to the next batch
+            snapshot = CaptureSession(session.position_mask, session.grad_scale, session.weight)
 
             def on_output_grad(grad: Tensor) -> None:
                 if layer_input._version != version:
                     raise RuntimeError(
                         f"the input of layer {name!r} was modified in place after its forward pass; "
-                        "its curvature cannot be captured (avoid in-place ops on that activation)"
+                        f"{self.purpose} (avoid in-place ops on that activation)"
                     )
-                a = _select_rows(saved_input, mask, name, "input")
-                g = _select_rows(grad, mask, name, "output gradient")
-                if scale != 1.0:
-                    g = g.to(state.factor_dtype) * scale
-                state.accumulate(a, g, weight=weight)
+                self.on_output_grad(name, state, saved_input, grad, snapshot)
 
             output.register_hook(on_output_grad)
             return replaced
 
         return hook
+
+
+class FactorCapture(OutputGradientHooks):
+    """Adds each backward pass's selected positions to the layers' K-FAC factor sums."""
+
+    def on_output_grad(
+        self, name: str, state: LayerState, layer_input: Tensor, grad: Tensor, session: CaptureSession
+    ) -> None:
+        a = _select_rows(layer_input, session.position_mask, name, "input")
+        g = _select_rows(grad, session.position_mask, name, "output gradient")
+        if session.grad_scale != 1.0:
+            g = g.to(state.factor_dtype) * session.grad_scale
+        state.accumulate(a, g, weight=session.weight)

@@ -181,25 +181,31 @@ def all_reduce_factors(layers: Mapping[str, LayerState], group: ProcessGroup = N
     """
     check_same_layers(layers, group)
     states = list(layers.values())
-    counts = torch.tensor([float(s.num_tokens) for s in states], dtype=torch.float64)
-    counts_comm = counts.to(_comm_device(counts, group))
-    pending = [dist.all_reduce(counts_comm, group=group, async_op=True)]
-    transfers: list[tuple[Tensor, Tensor]] = []  # (comm copy, home tensor) where they differ
     for state in states:
         if state.A_sum is None or state.S_sum is None:
             _allocate_zeros(state)
-        for home in (state.A_sum, state.S_sum):
-            assert home is not None
-            comm = home.to(_comm_device(home, group))
-            if comm is not home:
-                transfers.append((comm, home))
-            pending.append(dist.all_reduce(comm, group=group, async_op=True))
+    sums = [t for s in states for t in (s.A_sum, s.S_sum)]
+    totals = _all_reduce_in_place([float(s.num_tokens) for s in states], sums, group)  # type: ignore[misc]
+    for state, total in zip(states, totals):
+        state.num_tokens = int(total) if float(total).is_integer() else total
+
+
+def _all_reduce_in_place(counts: list[float], tensors: list[Tensor], group: ProcessGroup) -> list[float]:
+    """Sum ``tensors`` (in place) and ``counts`` (float64, returned) over ranks, all asynchronously."""
+    counts_comm = torch.tensor(counts, dtype=torch.float64)
+    counts_comm = counts_comm.to(_comm_device(counts_comm, group))
+    pending = [dist.all_reduce(counts_comm, group=group, async_op=True)]
+    transfers: list[tuple[Tensor, Tensor]] = []  # (comm copy, home tensor) where they differ
+    for home in tensors:
+        comm = home.to(_comm_device(home, group))
+        if comm is not home:
+            transfers.append((comm, home))
+        pending.append(dist.all_reduce(comm, group=group, async_op=True))
     for work in pending:
         work.wait()
     for comm, home in transfers:
         home.copy_(comm)
-    for state, total in zip(states, counts_comm.cpu().tolist()):
-        state.num_tokens = int(total) if float(total).is_integer() else total
+    return counts_comm.cpu().tolist()
 
 
 def all_reduce_corrections(layers: Mapping[str, LayerState], group: ProcessGroup = None) -> None:
@@ -211,24 +217,13 @@ def all_reduce_corrections(layers: Mapping[str, LayerState], group: ProcessGroup
     """
     check_same_layers(layers, group)
     states = list(layers.values())
-    counts = torch.tensor([float(getattr(s, "num_examples", 0)) for s in states], dtype=torch.float64)
-    counts_comm = counts.to(_comm_device(counts, group))
-    pending = [dist.all_reduce(counts_comm, group=group, async_op=True)]
-    transfers: list[tuple[Tensor, Tensor]] = []
     for state in states:
-        if getattr(state, "correction_sum", None) is None:
+        if state.correction_sum is None:
             shape = (state.geometry.d_out, state.geometry.d_in_augmented)
             state.correction_sum = torch.zeros(shape, dtype=state.factor_dtype, device=state.geometry.weight.device)
-        home = state.correction_sum
-        comm = home.to(_comm_device(home, group))
-        if comm is not home:
-            transfers.append((comm, home))
-        pending.append(dist.all_reduce(comm, group=group, async_op=True))
-    for work in pending:
-        work.wait()
-    for comm, home in transfers:
-        home.copy_(comm)
-    for state, total in zip(states, counts_comm.cpu().tolist()):
+    sums = [s.correction_sum for s in states]
+    totals = _all_reduce_in_place([float(s.num_examples) for s in states], sums, group)  # type: ignore[misc]
+    for state, total in zip(states, totals):
         state.num_examples = int(total) if float(total).is_integer() else total
 
 
