@@ -185,3 +185,21 @@ def test_bad_arguments_are_rejected_with_guidance():
     fresh.model(**lm_batch(0)).loss.backward()
     with pytest.raises(RuntimeError, match="collect"):
         optimizer.step()
+
+
+def test_step_without_any_target_gradient_warns_once():
+    model, projector = projected_model()
+    other = model.model.layers[0].mlp.up_proj.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = CrispOptimizer(torch.optim.SGD(target_params(projector) + [other], lr=0.1), projector)
+    for p in target_params(projector):
+        p.requires_grad_(False)  # targets frozen: only the other parameter trains
+    with pytest.warns(UserWarning, match="no target layer"):
+        model(**lm_batch(5)).loss.backward()
+        optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.zero_grad()
+        model(**lm_batch(6)).loss.backward()
+        optimizer.step()

@@ -58,6 +58,7 @@ class CrispOptimizer(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
+        self._warned_nothing_projected = False
         self._warn_unprojected_parameters()
 
     # ----------------------------------------------------------------- shared attributes
@@ -114,6 +115,7 @@ class CrispOptimizer(Optimizer):
                 loss = closure()
         if self.mode == "grad":
             self.projector.project_()
+            self._warn_if_nothing_projected()
             self.optimizer.step()
             # LoRA adapters are constrained through their parameters (torch_crisp.lora): re-project
             # them after the inner step so any optimizer keeps scaling·B·A in the kept set.
@@ -123,6 +125,20 @@ class CrispOptimizer(Optimizer):
             self.optimizer.step()
             change.project_()
         return loss
+
+    def _warn_if_nothing_projected(self) -> None:
+        # No target layer had a gradient: frozen targets, layers off the loss path, or a framework
+        # that keeps gradients elsewhere (DeepSpeed ZeRO). Then nothing is constrained: say so once.
+        if self.projector.last_projected_layers or self._warned_nothing_projected:
+            return
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self._warned_nothing_projected = True
+            warnings.warn(
+                "CrispOptimizer.step(): no target layer of the projector has a gradient, but other parameters "
+                "do, so this step is not constrained; check that the target layers are trainable and on the "
+                "loss path (DeepSpeed ZeRO keeps gradients elsewhere and is not supported: use DDP or FSDP2)",
+                stacklevel=3,
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

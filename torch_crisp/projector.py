@@ -167,6 +167,7 @@ class CrispProjector:
         self._holds_unreduced_correction = False
         self._removed_sq = None
         self._total_sq = None
+        self.last_projected_layers = 0  # layers (and LoRA layers) that had a gradient at the last project_()
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -540,6 +541,7 @@ class CrispProjector:
         rank keeps its own shard. DeepSpeed ZeRO and FSDP1 flat parameters raise ``RuntimeError``.
         """
         removed_sq = total_sq = None
+        projected = 0
         for state in self.layers.values():
             self.require_basis(state)
             geometry = state.geometry
@@ -549,6 +551,7 @@ class CrispProjector:
             grads = [p.grad for p in params]
             if all(g is None for g in grads):
                 continue
+            projected += 1
             if any(g is None for g in grads):
                 warnings.warn(
                     f"layer {state.name!r} has a gradient for only one of weight/bias; the missing one "
@@ -571,9 +574,11 @@ class CrispProjector:
         for name, lora_layer in self.lora_layers.items():
             lora_total, lora_removed = lora_layer.project_grads_(self.require_basis(self.layers[name]))
             if lora_total > 0.0:
+                projected += 1
                 total_sq = torch.tensor(lora_total) if total_sq is None else total_sq.cpu() + lora_total
                 removed_sq = torch.tensor(lora_removed) if removed_sq is None else removed_sq.cpu() + lora_removed
         self._removed_sq, self._total_sq = removed_sq, total_sq
+        self.last_projected_layers = projected
         return self
 
     # ----------------------------------------------------------------- LoRA (torch_crisp.lora)
