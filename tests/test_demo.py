@@ -8,11 +8,8 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
-from torch_crisp.editing.demo.plot import write_tradeoff_svg  # noqa: E402
-from torch_crisp.editing.demo.world import WorldSpec, build_world  # noqa: E402
+from torch_crisp.editing.demo.plot import write_tradeoff_svg
+from torch_crisp.editing.demo.world import WorldSpec, build_world
 
 torch.set_num_threads(1)
 
@@ -111,8 +108,10 @@ def test_quick_demo_writes_results_in_the_documented_shape(quick_run, capsys) ->
     base = results["base"]
     assert base["locality"] == 1.0 and base["locality_subject"] == 1.0
     assert 0.0 <= base["capability"] <= 1.0 and base["perplexity"] > 1.0
-    expected = {"ft", "crisp", "crisp-update", "activations", "lora", "lora-crisp"}
+    expected = {"ft", "crisp", "crisp-update", "crisp-ekfac", "activations", "lora", "lora-crisp"}
     assert set(results["methods"]) | set(results["skipped"]) == expected
+    # the curvature is collected with the softened softmax the docs describe
+    assert results["settings"]["capability_temperature"] == 3.0
     for name, metrics in results["methods"].items():
         for key in ("reliability", "generalization", "locality", "capability"):
             assert 0.0 <= metrics[key] <= 1.0, (name, key)

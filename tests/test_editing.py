@@ -7,11 +7,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
-from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector  # noqa: E402
-from torch_crisp.editing import (  # noqa: E402
+from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector
+from torch_crisp.editing import (
     EditDataError,
     EditRequest,
     EditSettings,
@@ -29,8 +26,8 @@ from torch_crisp.editing import (  # noqa: E402
     teacher_forced,
     train_only,
 )
-from torch_crisp.editing.batching import IGNORE_INDEX, collate  # noqa: E402
-from torch_crisp.editing.evaluation import cut_at_stop  # noqa: E402
+from torch_crisp.editing.batching import IGNORE_INDEX, collate
+from torch_crisp.editing.evaluation import cut_at_stop
 
 torch.set_num_threads(1)
 

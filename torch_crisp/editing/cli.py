@@ -224,12 +224,19 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--gamma", type=float, default=0.99, help="energy threshold of CrispEdit (default 0.99)")
     parser.add_argument(
+        "--temperature",
+        type=float,
+        default=3.0,
+        help="softmax temperature of the curvature collection on the capability corpus (default 3; 1 = plain "
+        "empirical Fisher)",
+    )
+    parser.add_argument(
         "--lr", type=float, default=5e-3, help="Adam learning rate of the full-weight methods (default 5e-3)"
     )
     parser.add_argument(
         "--lora-lr", type=float, default=3e-3, help="Adam learning rate of the LoRA methods (default 3e-3)"
     )
-    parser.add_argument("--epochs", type=int, default=150, help="maximum passes over the edits (default 150)")
+    parser.add_argument("--epochs", type=int, default=300, help="maximum passes over the edits (default 300)")
     parser.add_argument(
         "--layers", type=int, nargs="+", metavar="I", help="blocks whose mlp.down_proj is edited (default: all)"
     )
@@ -252,6 +259,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         raise CLIError(f"--edits must be a positive integer, got {args.edits}")
     if args.epochs < 1:
         raise CLIError(f"--epochs must be a positive integer, got {args.epochs}")
+    if not args.temperature > 0:
+        raise CLIError(f"--temperature must be positive, got {args.temperature}")
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be a positive integer, got {args.threads}")
@@ -261,6 +270,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         num_edits=args.edits,
         methods=tuple(args.methods),
         gamma=args.gamma,
+        capability_temperature=args.temperature,
         lr=args.lr,
         lora_lr=args.lora_lr,
         layers=args.layers,
