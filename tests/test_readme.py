@@ -27,3 +27,12 @@ def test_readme_example_runs_and_trains_within_the_kept_subspace(capsys):
     assert set(fractions) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     assert all(0.0 < f < 1.0 for f in fractions.values())
     assert "model.layers.0.mlp.down_proj" in capsys.readouterr().out
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    test_line = next(line for line in block.splitlines() if "pytest" in line)
+    command = test_line.split("   #")[0].strip()
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci_lines[-1] == command
