@@ -307,7 +307,7 @@ class CrispCallback(TrainerCallback):
                 self._record(state.global_step + 1, fraction)
             return
         if self.mode == "update" and self._snapshot is not None:
-            total, removed = self._snapshot.project_()
+            total, removed = (float(t) for t in self._snapshot.project_())  # logged every step anyway
             self._snapshot = None
             if total > 0:
                 self._record(state.global_step + 1, removed / total)

@@ -199,27 +199,28 @@ class ParameterChange:
         return state.geometry.as_matrix(params[0].detach(), params[1].detach() if state.geometry.has_bias else None)
 
     @torch.no_grad()
-    def project_(self) -> tuple[float, float]:
+    def project_(self) -> tuple[Tensor, Tensor]:
         """Project this step's changes in place; return ``(‖Δ‖², ‖Δ − P(Δ)‖²)`` summed over layers.
 
-        The projector's :attr:`~CrispProjector.last_removed_fraction` is updated from them.
+        The sums stay 0-dim tensors (no device synchronisation on the step's path); the
+        projector's :attr:`~CrispProjector.last_removed_fraction` reads them when asked. A skipped
+        step (GradScaler overflow) has ``Δ = 0`` and ``P(0) = 0`` leaves the weights as they were.
         """
-        total = removed = 0.0
+        total = removed = torch.zeros(())
         for state, params, before in self._layers:
             delta = self._matrix(state, params).to(before.dtype) - before
-            if not delta.any():
-                continue  # the step was skipped (GradScaler overflow) or the layer did not move
             projected = state.project(delta)
-            d_sq = float(delta.float().square().sum())
-            total += d_sq
-            removed += max(d_sq - float(projected.float().square().sum()), 0.0)
+            d_sq, p_sq = delta.float().square().sum(), projected.float().square().sum()
+            total, removed = total.to(d_sq.device) + d_sq, removed.to(d_sq.device) + (d_sq - p_sq).clamp_min(0)
             for param, value in zip(params, state.geometry.split_matrix(before + projected)):
                 if value is not None and param.requires_grad:
                     param.copy_(value)
         if self._lora:
             stepped = [p.detach().clone() for p, _ in self._lora]
             self.projector.project_lora_parameters_()
-            total += sum(float((s - old).float().square().sum()) for s, (_, old) in zip(stepped, self._lora))
-            removed += sum(float((p.detach() - s).float().square().sum()) for (p, _), s in zip(self._lora, stepped))
-        self.projector._total_sq, self.projector._removed_sq = torch.tensor(total), torch.tensor(removed)
+            for (param, old), after_step in zip(self._lora, stepped):
+                d_sq = (after_step - old).float().square().sum()
+                r_sq = (param.detach() - after_step).float().square().sum()
+                total, removed = total.to(d_sq.device) + d_sq, removed.to(d_sq.device) + r_sq
+        self.projector._total_sq, self.projector._removed_sq = total, removed
         return total, removed
