@@ -118,18 +118,28 @@ class LayerState:
         discards any previous correction, which belonged to the old basis: run the second pass
         (:meth:`accumulate_correction`) and then :meth:`apply_correction`.
         """
+        if curvature not in ("kfac", "ekfac", "activations"):
+            raise ValueError(f"unknown curvature {curvature!r}; use 'kfac', 'ekfac' or 'activations'")
         A, S = self.factors()
         eig_in, U_in = F.symmetric_eigh(A)
         eig_out, U_out = F.symmetric_eigh(S)
-        self.basis = self.make_basis(eig_in, U_in, eig_out, U_out, gamma, device)
         if curvature == "activations":
             mask, tau = C.activation_mask(eig_in, self.geometry.d_out, gamma)
-            # a new Basis rather than mutating it: caches keyed on a basis (LoRA rectangles) stay valid
-            self.basis = replace(self.basis, mask=mask.to(self.basis.mask.device), tau=tau, curvature="activations")
-        elif curvature == "ekfac":
-            self.clear_correction()
-        elif curvature != "kfac":
-            raise ValueError(f"unknown curvature {curvature!r}; use 'kfac', 'ekfac' or 'activations'")
+        else:  # EK-FAC starts from the K-FAC mask until its second pass corrects it
+            tau = F.energy_threshold(eig_out, eig_in, gamma)
+            mask = F.kept_below(eig_out, eig_in, tau)
+            if curvature == "ekfac":
+                self.clear_correction()
+        target = device if device is not None else U_in.device
+        self.basis = Basis(
+            eig_in=eig_in.to(target, torch.float32),
+            U_in=U_in.to(target, torch.float32).contiguous(),
+            eig_out=eig_out.to(target, torch.float32),
+            U_out=U_out.to(target, torch.float32).contiguous(),
+            mask=mask.to(target),
+            tau=tau,
+            curvature="activations" if curvature == "activations" else "kfac",
+        )
         return self.basis
 
     # ----------------------------------------------------------------- EK-FAC correction
@@ -175,22 +185,6 @@ class LayerState:
         mask, tau = C.corrected_mask(self.corrected_curvature(), gamma)
         self.basis = replace(self.basis, mask=mask.to(self.basis.mask.device), tau=tau, curvature="ekfac")
         return self.basis
-
-    @staticmethod
-    def make_basis(
-        eig_in: Tensor, U_in: Tensor, eig_out: Tensor, U_out: Tensor, gamma: float, device: torch.device | None
-    ) -> Basis:
-        tau = F.energy_threshold(eig_out, eig_in, gamma)
-        mask = F.kept_below(eig_out, eig_in, tau)
-        target = device if device is not None else U_in.device
-        return Basis(
-            eig_in=eig_in.to(target, torch.float32),
-            U_in=U_in.to(target, torch.float32).contiguous(),
-            eig_out=eig_out.to(target, torch.float32),
-            U_out=U_out.to(target, torch.float32).contiguous(),
-            mask=mask.to(target),
-            tau=tau,
-        )
 
     def project(self, matrix: Tensor) -> Tensor:
         """``P(Q)`` for a ``(..., d_out, d_in[+1])`` matrix (see :func:`functional.project`)."""
