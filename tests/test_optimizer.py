@@ -32,6 +32,13 @@ def blocked_leak(projector, name, delta_matrix):
     return (rotated * (~basis.mask)).norm().item() / delta_matrix.double().norm().item()
 
 
+def train_steps(model, optimizer, seeds):
+    for seed in seeds:
+        model(**lm_batch(seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def weight_matrices(projector):
     return {
         name: state.geometry.as_matrix(*[p.detach().clone() for p in state.geometry.parameters()])
@@ -66,10 +73,7 @@ def test_update_mode_keeps_cumulative_adamw_change_in_kept_subspace():
     inner = torch.optim.AdamW(target_params(projector), lr=1e-2, weight_decay=0.1)
     optimizer = CrispOptimizer(inner, projector, mode="update")
     start = weight_matrices(projector)
-    for step in range(5):
-        model(**lm_batch(10 + step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, optimizer, range(10, 15))
     end = weight_matrices(projector)
     for name in projector.target_names:
         delta = end[name] - start[name]
@@ -85,10 +89,7 @@ def test_grad_mode_with_adam_can_leave_the_subspace_update_mode_cannot():
         model, projector = projected_model()
         optimizer = CrispOptimizer(torch.optim.Adam(target_params(projector), lr=1e-2), projector, mode=mode)
         start = weight_matrices(projector)
-        for step in range(3):
-            model(**lm_batch(20 + step)).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        train_steps(model, optimizer, range(20, 23))
         end = weight_matrices(projector)
         leaks[mode] = max(blocked_leak(projector, n, end[n] - start[n]) for n in projector.target_names)
     assert leaks["update"] < 1e-4 < leaks["grad"]
