@@ -388,8 +388,10 @@ class CrispProjector:
                 break
             seen += 1
             batch = move_to_device(batch, device)
-            # the hooks read the mask during the forward pass, so set it first
-            session.position_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            # the hooks read the mask during the forward pass, so set it first; as bool once per
+            # batch rather than once per hooked layer
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            session.position_mask = mask.bool() if isinstance(mask, Tensor) else None
             loss = self._sum_reduced_loss(batch, loss_fn, logits_fn)
             if loss is None:
                 continue
