@@ -222,7 +222,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
         metavar="METHOD",
         help=f"methods to compare (default: all of {', '.join(ALL_METHODS)})",
     )
-    parser.add_argument("--gamma", type=float, default=0.99, help="energy threshold of CrispEdit (default 0.99)")
+    parser.add_argument("--gamma", type=float, default=0.995, help="energy threshold of CrispEdit (default 0.995)")
     parser.add_argument(
         "--temperature",
         type=float,

@@ -54,7 +54,7 @@ class DemoSettings:
     quick: bool = False
     num_edits: int | None = None  # default: 100 (6 with quick)
     methods: Sequence[str] = ALL_METHODS
-    gamma: float = 0.99
+    gamma: float = 0.995
     capability_temperature: float = 3.0  # softmax temperature of the curvature collection (1 = plain)
     lr: float = 5e-3
     lora_lr: float = 3e-3

@@ -24,7 +24,7 @@ from .world import World
 
 __all__ = ["BaseModel", "ModelSpec", "TrainSpec", "default_cache_dir", "load_or_pretrain"]
 
-_FORMAT_VERSION = 2  # 2: world names no longer depend on the hash seed
+_FORMAT_VERSION = 3  # 2: world names no longer depend on the hash seed; 3: two-word names
 
 
 @dataclass(frozen=True)
