@@ -32,9 +32,9 @@ class ModelSpec:
     """Llama architecture of the demo model (tiny on purpose: it trains on 2 CPU cores)."""
 
     hidden_size: int = 64
-    # Measured: with MLP width 192 the edits spread to nearly every other subject of their relation
-    # (locality 5-15 %) and CrispEdit kept less capability; with 768 locality is about 30 % and
-    # capability within about a point; 1536 was not better (docs/editing.md).
+    # Measured on the earlier one-word-name world: with MLP width 192 CrispEdit kept less capability
+    # and the edits spread further (locality 5-15 % against about 30 % with 768); 1536 was not
+    # better (docs/editing.md).
     intermediate_size: int = 768
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
