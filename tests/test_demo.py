@@ -150,3 +150,14 @@ def test_quick_demo_reuses_its_cached_base_model(quick_run) -> None:
     first = json.loads((root / "out" / "results.json").read_text())
     assert results["base"]["capability"] == first["base"]["capability"]
     assert results["methods"]["crisp"]["reliability"] == first["methods"]["crisp"]["reliability"]
+
+
+def test_demo_settings_choose_the_anchor_count(capsys) -> None:
+    from torch_crisp.cli import main
+    from torch_crisp.editing.demo.compare import DemoSettings
+
+    world, _, _ = DemoSettings(num_anchors=150, seed=2).resolved_specs()
+    assert (world.num_anchor_entities, world.num_edits, world.seed) == (150, 100, 2)
+    assert DemoSettings(quick=True, num_anchors=9).resolved_specs()[0].num_anchor_entities == 9
+    assert main(["demo", "--anchors", "0", "--out", "unused"]) == 2
+    assert "--anchors must be a positive integer" in capsys.readouterr().err

@@ -215,6 +215,9 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny world and model (about a minute; used by tests)")
     parser.add_argument("--edits", type=int, metavar="N", help="number of counterfactual edits (default 100; 6 quick)")
     parser.add_argument(
+        "--anchors", type=int, metavar="N", help="entities whose facts form the capability corpus (default 80; 6 quick)"
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         choices=ALL_METHODS,
@@ -257,6 +260,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     if args.edits is not None and args.edits < 1:
         raise CLIError(f"--edits must be a positive integer, got {args.edits}")
+    if args.anchors is not None and args.anchors < 1:
+        raise CLIError(f"--anchors must be a positive integer, got {args.anchors}")
     if args.epochs < 1:
         raise CLIError(f"--epochs must be a positive integer, got {args.epochs}")
     if not args.temperature > 0:
@@ -268,6 +273,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     settings = DemoSettings(
         quick=args.quick,
         num_edits=args.edits,
+        num_anchors=args.anchors,
         methods=tuple(args.methods),
         gamma=args.gamma,
         capability_temperature=args.temperature,

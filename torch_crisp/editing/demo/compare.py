@@ -22,7 +22,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class DemoSettings:
 
     quick: bool = False
     num_edits: int | None = None  # default: 100 (6 with quick)
+    num_anchors: int | None = None  # anchor entities of the capability corpus (default: WorldSpec's)
     methods: Sequence[str] = ALL_METHODS
     gamma: float = 0.995
     capability_temperature: float = 3.0  # softmax temperature of the curvature collection (1 = plain)
@@ -66,7 +67,7 @@ class DemoSettings:
     cache_dir: str | None = None
     retrain: bool = False
     progress: bool = True
-    world_spec: WorldSpec | None = None  # overrides quick / num_edits / seed when given
+    world_spec: WorldSpec | None = None  # overrides quick / num_edits / num_anchors / seed when given
     model_spec: ModelSpec | None = None
     train_spec: TrainSpec | None = None
     log: Callable[[str], None] = field(default=print, repr=False)
@@ -83,10 +84,13 @@ class DemoSettings:
     def resolved_specs(self) -> tuple[WorldSpec, ModelSpec, TrainSpec]:
         if self.world_spec is not None:
             world = self.world_spec
-        elif self.quick:
-            world = WorldSpec.quick(num_edits=self.num_edits or 6, seed=self.seed)
         else:
-            world = WorldSpec(num_edits=self.num_edits or 100, seed=self.seed)
+            if self.quick:
+                world = WorldSpec.quick(num_edits=self.num_edits or 6, seed=self.seed)
+            else:
+                world = WorldSpec(num_edits=self.num_edits or 100, seed=self.seed)
+            if self.num_anchors is not None:
+                world = replace(world, num_anchor_entities=self.num_anchors)
         model = self.model_spec or (ModelSpec.quick() if self.quick else ModelSpec())
         train = self.train_spec or (TrainSpec.quick() if self.quick else TrainSpec())
         return world, model, train
