@@ -161,3 +161,16 @@ def test_demo_settings_choose_the_anchor_count(capsys) -> None:
     assert DemoSettings(quick=True, num_anchors=9).resolved_specs()[0].num_anchor_entities == 9
     assert main(["demo", "--anchors", "0", "--out", "unused"]) == 2
     assert "--anchors must be a positive integer" in capsys.readouterr().err
+
+
+def test_demo_warns_when_the_base_model_did_not_learn_the_world(tmp_path) -> None:
+    from torch_crisp.editing.demo.compare import DemoSettings, run_demo
+    from torch_crisp.editing.demo.pretrain import TrainSpec
+
+    settings = DemoSettings(
+        quick=True, methods=("ft",), max_epochs=1, cache_dir=str(tmp_path), progress=False, log=lambda _: None,
+        train_spec=TrainSpec(max_steps=2, check_every=1),
+    )
+    with pytest.warns(UserWarning, match="without learning the world"):
+        results = run_demo(settings)
+    assert results["pretraining"]["final"]["fact_accuracy"] < 0.5

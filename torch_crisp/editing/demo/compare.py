@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -243,6 +244,20 @@ def run_demo(settings: DemoSettings, out_dir: str | Path | None = None) -> dict[
     model, tokenizer = base.model, base.tokenizer
     how = "loaded from cache" if base.record.get("cached") else f"pretrained in {base.record['seconds']:.0f} s"
     log(f"base model: {base.record['num_parameters']:,} parameters, {how} ({base.path})")
+    final = base.record.get("final", {})
+    if (
+        final.get("fact_accuracy", 0.0) < train_spec.target_fact_accuracy
+        or final.get("skill_accuracy", 0.0) < train_spec.target_skill_accuracy
+    ):
+        # Edits of facts the model never knew, and locality of unstable answers, measure nothing.
+        warnings.warn(
+            f"the base model stopped at {base.record['steps']} steps without learning the world (facts "
+            f"{final.get('fact_accuracy', 0.0):.0%}, target {train_spec.target_fact_accuracy:.0%}; skills "
+            f"{final.get('skill_accuracy', 0.0):.0%}, target {train_spec.target_skill_accuracy:.0%}), so the "
+            "comparison below is not meaningful: use a smaller world (fewer --anchors or --edits) or more "
+            "pretraining steps",
+            stacklevel=2,
+        )
     layers = list(settings.layers) if settings.layers is not None else _default_layers(model.config.num_hidden_layers)
     bad = [i for i in layers if not 0 <= i < model.config.num_hidden_layers]
     if bad:
