@@ -171,6 +171,6 @@ def test_demo_warns_when_the_base_model_did_not_learn_the_world(tmp_path) -> Non
         quick=True, methods=("ft",), max_epochs=1, cache_dir=str(tmp_path), progress=False, log=lambda _: None,
         train_spec=TrainSpec(max_steps=2, check_every=1),
     )
-    with pytest.warns(UserWarning, match="without learning the world"):
+    with pytest.warns(UserWarning, match="below its pretraining targets"):
         results = run_demo(settings)
     assert results["pretraining"]["final"]["fact_accuracy"] < 0.5

@@ -251,11 +251,11 @@ def run_demo(settings: DemoSettings, out_dir: str | Path | None = None) -> dict[
     ):
         # Edits of facts the model never knew, and locality of unstable answers, measure nothing.
         warnings.warn(
-            f"the base model stopped at {base.record['steps']} steps without learning the world (facts "
+            f"the base model stopped at {base.record['steps']} steps below its pretraining targets (facts "
             f"{final.get('fact_accuracy', 0.0):.0%}, target {train_spec.target_fact_accuracy:.0%}; skills "
-            f"{final.get('skill_accuracy', 0.0):.0%}, target {train_spec.target_skill_accuracy:.0%}), so the "
-            "comparison below is not meaningful: use a smaller world (fewer --anchors or --edits) or more "
-            "pretraining steps",
+            f"{final.get('skill_accuracy', 0.0):.0%}, target {train_spec.target_skill_accuracy:.0%}): the "
+            "comparison edits a model that has not learnt its world. Use a smaller world (fewer --anchors or "
+            "--edits) or another --seed",
             stacklevel=2,
         )
     layers = list(settings.layers) if settings.layers is not None else _default_layers(model.config.num_hidden_layers)
