@@ -51,11 +51,11 @@ class ModelSpec:
 class TrainSpec:
     """Pretraining schedule: AdamW with warm-up and cosine decay, early stop when learnt."""
 
-    # The cosine decay spans max_steps, and early stopping usually ends training at 4000-6500
-    # steps, so a long budget keeps the learning rate near its peak until the world is learnt.
-    # Measured (docs/editing.md): base models stopped that way took edits more locally; gradient-mode
-    # CrispEdit kept 0.98 and 0.95 of the neighbours for seeds 0 and 1, against 0.89 and 0.93 when
-    # the budget was 6000 steps and the rate had decayed to about 40 % by the stop.
+    # The cosine decay spans max_steps, and early stopping ended training at 4200-6400 steps for
+    # seeds 0, 1 and 3 (seed 2 used the whole budget), so the learning rate is still near its peak
+    # when the world is learnt. Measured (docs/editing.md): base models stopped that way took edits
+    # more locally; gradient-mode CrispEdit kept 0.98 and 0.95 of the neighbours for seeds 0 and 1,
+    # against 0.89 and 0.93 with a 6000-step budget (rate decayed to 20-40 % by the stop).
     max_steps: int = 16000
     batch_size: int = 64
     lr: float = 1e-2

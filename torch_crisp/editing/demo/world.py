@@ -3,8 +3,8 @@
 Nothing can be downloaded, so the demo brings its own knowledge and skills:
 
 * **facts**: entities (invented first and last names) with relations (home town, job, pet),
-  each phrased with several templates. Template 0 is the edit prompt; the others are paraphrases that
-  the edit loop never sees (generalisation test).
+  each phrased with several templates. Template 0 is the edit prompt; the others are paraphrases
+  that the edit loop never sees (generalisation test).
 * **skills** (the capability to preserve), scored by exact-match generation on held-out problems:
   ``sum of 3 and 5 is 8`` (addition of small numbers, with some pairs never trained) and
   ``reverse red blue green is green blue red`` (list reversal, test lists never trained).
