@@ -44,8 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleave, set_threads, sync, write_result  # noqa: E402
 
-from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector  # noqa: E402
-from torch_crisp import functional as F  # noqa: E402
+from torch_crisp import (  # noqa: E402
+    CrispConfig,
+    CrispOptimizer,
+    CrispProjector,
+    functional,  # noqa: E402
+)
 
 LLAMA3_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -138,7 +142,7 @@ def section_eigh(report: Report, d_out: int, d_in: int, device: torch.device, ra
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, matrix in (("A", A), ("S", S)):
         start = time.perf_counter()
-        results[name] = F.symmetric_eigh(matrix)
+        results[name] = functional.symmetric_eigh(matrix)
         sync(device)
         seconds = time.perf_counter() - start
         n = matrix.shape[0]
@@ -146,13 +150,13 @@ def section_eigh(report: Report, d_out: int, d_in: int, device: torch.device, ra
     eig_in, U_in = results["A"]
     eig_out, U_out = results["S"]
     start = time.perf_counter()
-    tau = F.energy_threshold(eig_out, eig_in, gamma)
+    tau = functional.energy_threshold(eig_out, eig_in, gamma)
     sync(device)
     seconds = time.perf_counter() - start
     report.add("eigh", f"energy threshold of the {d_out}×{d_in} grid", seconds,
                d_out * d_in * 8 / rates["bandwidth"], "floor: one pass over a float64 grid")
     start = time.perf_counter()
-    mask = F.curvature_grid(eig_out, eig_in) < tau
+    mask = functional.curvature_grid(eig_out, eig_in) < tau
     sync(device)
     report.add("eigh", "mask of the grid", time.perf_counter() - start, d_out * d_in * 9 / rates["bandwidth"],
                f"kept {mask.float().mean().item():.1%}")
@@ -170,14 +174,14 @@ def section_projection(report: Report, U_out: torch.Tensor, U_in: torch.Tensor, 
     min_bytes = layers * (d_out * d_in * (2 + 2 + 1) + 4 * (d_out**2 + d_in**2))
     cuda = device.type == "cuda"
     errors: dict[str, float] = {}
-    reference = F.project(grads[0].double(), U_out.double(), U_in.double(), mask)
+    reference = functional.project(grads[0].double(), U_out.double(), U_in.double(), mask)
 
     def run(variant: str) -> Callable[[], None]:
         bases = (U_out16, U_in16) if variant == "bf16" else (U_out, U_in)
 
         def fn() -> None:
             for Q in grads:
-                F.project(Q, bases[0], bases[1], mask)
+                functional.project(Q, bases[0], bases[1], mask)
 
         return fn
 
@@ -188,7 +192,7 @@ def section_projection(report: Report, U_out: torch.Tensor, U_in: torch.Tensor, 
         try:
             seconds = timed(run(variant), device, rounds)
             bases = (U_out16, U_in16) if variant == "bf16" else (U_out, U_in)
-            P = F.project(grads[0], bases[0], bases[1], mask).double()
+            P = functional.project(grads[0], bases[0], bases[1], mask).double()
         finally:
             if cuda:
                 torch.backends.cuda.matmul.allow_tf32 = previous

@@ -25,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleave, run_from_command_line, write_result  # noqa: E402
 
-from torch_crisp import CrispConfig, CrispProjector  # noqa: E402
-from torch_crisp import functional as F  # noqa: E402
+from torch_crisp import (  # noqa: E402
+    CrispConfig,
+    CrispProjector,
+    functional,  # noqa: E402
+)
 
 
 def mask_variants(d_out: int, d_in: int, rounds: int) -> list[dict[str, Any]]:
@@ -35,7 +38,7 @@ def mask_variants(d_out: int, d_in: int, rounds: int) -> list[dict[str, Any]]:
     eig_in = torch.sort(torch.rand(d_in, generator=g, dtype=torch.float64) ** 6).values
     rows = []
     for kind, mask in (("random", torch.rand(d_out, d_in, generator=g) < 0.5),
-                       ("kfac_staircase", F.low_curvature_mask(eig_out, eig_in, 0.99))):
+                       ("kfac_staircase", functional.low_curvature_mask(eig_out, eig_in, 0.99))):
         C = torch.randn(d_out, d_in, generator=g)
         float_mask = mask.float()
         timings = interleave(

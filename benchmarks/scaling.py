@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleave, run_from_command_line, write_result  # noqa: E402
 
-from torch_crisp import functional as F  # noqa: E402
+from torch_crisp import functional  # noqa: E402
 
 # LLM shapes on the CPU: 1024×4096 (a 1B-class model's MLP) itself and halved, and LLaMA-3-8B's
 # down_proj 4096×14336 at a quarter of each side.
@@ -63,7 +63,7 @@ def measure_shape(d_out: int, d_in: int, rounds: int, reference_n: int) -> dict[
     # a random mask of the same density costs more to apply (see docs/performance.md)
     eig_out = torch.sort(torch.rand(d_out, generator=g, dtype=torch.float64) ** 6).values
     eig_in = torch.sort(torch.rand(d_in, generator=g, dtype=torch.float64) ** 6).values
-    mask = F.low_curvature_mask(eig_out, eig_in, 0.99)
+    mask = functional.low_curvature_mask(eig_out, eig_in, 0.99)
     float_mask = mask.float()
     G = torch.randn(EDIT_TOKENS, d_out, generator=g)
     X = torch.randn(EDIT_TOKENS, d_in, generator=g)
@@ -92,10 +92,10 @@ def measure_shape(d_out: int, d_in: int, rounds: int, reference_n: int) -> dict[
 
     timings = interleave(
         {
-            "project": lambda: F.project(Q, U_out, U_in, mask),
+            "project": lambda: functional.project(Q, U_out, U_in, mask),
             "floor": floor,
             "float_mask": with_float_mask,
-            "bf16_grad": lambda: F.project(Q_bf16, U_out, U_in, mask),
+            "bf16_grad": lambda: functional.project(Q_bf16, U_out, U_in, mask),
             "bf16_all": bf16_all,
             "low_rank_rotation": low_rank_rotation,
             "square_mm": lambda: ref_a @ ref_b,
@@ -106,7 +106,7 @@ def measure_shape(d_out: int, d_in: int, rounds: int, reference_n: int) -> dict[
         # fades (at most 100 calls: the smoke shapes would otherwise loop for minutes)
         inner=min(100, max(1, int(0.02 / (flops(d_out, d_in) / 1e11)))),
     )
-    reference = F.project(Q.double(), U_out.double(), U_in.double(), mask)
+    reference = functional.project(Q.double(), U_out.double(), U_in.double(), mask)
     bf16_result = (U_out_bf16 @ ((U_out_bf16.mT @ Q_bf16 @ U_in_bf16) * mask_bf16) @ U_in_bf16.mT).double()
     ref_flops = 2.0 * reference_n**3
     return {
@@ -124,7 +124,9 @@ def measure_shape(d_out: int, d_in: int, rounds: int, reference_n: int) -> dict[
         "ratio_bf16_grad_over_floor": timings.paired_median_ratio("bf16_grad", "floor"),
         "ratio_bf16_all_over_floor": timings.paired_median_ratio("bf16_all", "floor"),
         "ratio_low_rank_over_floor": timings.paired_median_ratio("low_rank_rotation", "floor"),
-        "relative_error_fp32": float((F.project(Q, U_out, U_in, mask).double() - reference).norm() / reference.norm()),
+        "relative_error_fp32": float(
+            (functional.project(Q, U_out, U_in, mask).double() - reference).norm() / reference.norm()
+        ),
         "relative_error_bf16_all": float((bf16_result - reference).norm() / reference.norm()),
     }
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleave, run_from_command_line, write_result  # noqa: E402
 
-from torch_crisp import functional as F  # noqa: E402
+from torch_crisp import functional  # noqa: E402
 
 FULL_SHAPES = [(64, 256), (128, 512), (256, 1024), (512, 2048), (1024, 4096), (4096, 14336)]
 SMOKE_SHAPES = [(8, 16), (32, 64)]
@@ -42,23 +42,20 @@ def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = N
         eig_in = torch.rand(d_in, generator=g, dtype=torch.float64) ** 6
         big = d_out * d_in > 1 << 24
         r = 1 if big else (rounds or (2 if smoke else 5))
-        timings = interleave(
-            {
-                "sort": lambda o=eig_out, i=eig_in: F.threshold_from_curvature(F.curvature_grid(o, i), 0.99),
-                "search": lambda o=eig_out, i=eig_in: F._kfac_threshold_by_search(o, i, 0.99),
-            },
-            rounds=r,
-            warmup=0 if big else 1,
-        )
-        same = F.threshold_from_curvature(F.curvature_grid(eig_out, eig_in), 0.99) == F._kfac_threshold_by_search(
-            eig_out, eig_in, 0.99
-        )
+        def by_sort(o=eig_out, i=eig_in):
+            return functional.threshold_from_curvature(functional.curvature_grid(o, i), 0.99)
+
+        def by_search(o=eig_out, i=eig_in):
+            return functional._kfac_threshold_by_search(o, i, 0.99)
+
+        timings = interleave({"sort": by_sort, "search": by_search}, rounds=r, warmup=0 if big else 1)
+        same = by_sort() == by_search()
         row = {"d_out": d_out, "d_in": d_in, "timings": timings.summary(), "same_tau": same,
                "ratio_search_over_sort": timings.paired_median_ratio("search", "sort")}
         rows.append(row)
         print(f"{d_out:>5}×{d_in:<6} {d_out * d_in:>10} {timings.median('sort') * 1e3:8.1f}ms "
               f"{timings.median('search') * 1e3:8.1f}ms {row['ratio_search_over_sort']:11.3f}  {same}")
-    result = {"gamma": 0.99, "switch_above_entries": F._SEARCH_MIN_GRID, "shapes": rows}
+    result = {"gamma": 0.99, "switch_above_entries": functional._SEARCH_MIN_GRID, "shapes": rows}
     write_result("threshold_smoke" if smoke else "threshold", result, out_dir)
     return result
 

@@ -116,7 +116,7 @@ def main() -> None:
     crisp_accelerate.collect(accelerator, projector, capability)
 
     # 2. edit only the projected layers.
-    trainable = [p for state in projector.layers.values() for p in state.geometry.parameters()]
+    trainable = projector.projected_parameters()
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)

@@ -69,7 +69,7 @@ def run(workdir: Path) -> list:
     projector = CrispProjector.from_pretrained(factors, model, gamma=0.99)
     for p in model.parameters():
         p.requires_grad_(False)
-    edited = [p for layer in projector.layers.values() for p in layer.geometry.parameters()]
+    edited = projector.projected_parameters()
     for p in edited:
         p.requires_grad_(True)
     optimizer = CrispOptimizer(torch.optim.Adam(edited, lr=5e-2), projector, mode="update")

@@ -31,8 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from torch_crisp import CrispOptimizer, CrispProjector
-from torch_crisp.lora import innermost_base_layer
-from torch_crisp.optimizer import ParameterChange
+from torch_crisp.config import MODES, Mode, check_choice
+from torch_crisp.layers import innermost_base_layer
+from torch_crisp.optimizer import warn_unprojected_parameters
+from torch_crisp.persistence import read_folder
+from torch_crisp.projection import ParameterChange
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -46,7 +49,6 @@ __all__ = ["PROJECTOR_DIR", "CrispCallback", "crisp_optimizer_cls_and_kwargs"]
 logger = logging.getLogger(__name__)
 
 PROJECTOR_DIR = "crisp_projector"  # sub-folder of every Trainer checkpoint holding the projector
-_MODES = ("grad", "update")
 _LOG_KEY = "crisp/removed_fraction"
 
 
@@ -159,7 +161,7 @@ class CrispCallback(TrainerCallback):
         self,
         projector: CrispProjector,
         capability_data: Iterable[Any] | None = None,
-        mode: str = "grad",
+        mode: Mode = "grad",
         *,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         capability_batch_size: int | None = None,
@@ -168,8 +170,7 @@ class CrispCallback(TrainerCallback):
     ) -> None:
         if not isinstance(projector, CrispProjector):
             raise TypeError(f"CrispCallback needs a CrispProjector, got {type(projector).__name__}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        check_choice("mode", mode, MODES)
         if capability_batch_size is not None and capability_batch_size < 1:
             raise ValueError(f"capability_batch_size must be positive, got {capability_batch_size}")
         self.projector = projector
@@ -271,17 +272,8 @@ class CrispCallback(TrainerCallback):
                 "intended (their capability curvature was collected for nothing)",
                 stacklevel=3,
             )
-        if self._delegate is None:
-            projected = {id(p) for p in self.projector.projected_parameters()}
-            outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in projected]
-            if outside:
-                shown = ", ".join(outside[:4]) + (", …" if len(outside) > 4 else "")
-                warnings.warn(
-                    f"{len(outside)} trainable parameter tensors ({shown}) are outside every projected layer: "
-                    "the Trainer updates them without any capability constraint (freeze them or add their "
-                    "layers to target_modules if that is not intended)",
-                    stacklevel=3,
-                )
+        if self._delegate is None:  # a CrispOptimizer warned about its own parameters already
+            warn_unprojected_parameters(self.projector, model.named_parameters(), where="the Trainer", stacklevel=4)
 
     # ------------------------------------------------------------------ stepping
     def on_pre_optimizer_step(
@@ -296,7 +288,7 @@ class CrispCallback(TrainerCallback):
             if fraction is not None:
                 self._record(state.global_step + 1, fraction)
         else:
-            self._snapshot = ParameterChange(self.projector)
+            self._snapshot = ParameterChange(self.projector.layers, self.projector.lora_layers)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -307,10 +299,11 @@ class CrispCallback(TrainerCallback):
                 self._record(state.global_step + 1, fraction)
             return
         if self.mode == "update" and self._snapshot is not None:
-            total, removed = (float(t) for t in self._snapshot.project_())  # logged every step anyway
+            stats = self._snapshot.project_()
             self._snapshot = None
-            if total > 0:
-                self._record(state.global_step + 1, removed / total)
+            self.projector.record_projection(stats)
+            if float(stats.total_sq) > 0:  # logged every step anyway
+                self._record(state.global_step + 1, stats.removed_fraction)
         else:
             # LoRA's constraint is on the parameters themselves: re-project after every step.
             self.projector.project_lora_parameters_()
@@ -408,9 +401,7 @@ class CrispCallback(TrainerCallback):
         Called automatically on resume when the checkpoint lies in ``output_dir`` (or is
         ``TrainingArguments.resume_from_checkpoint``); call it yourself for checkpoints elsewhere.
         """
-        from torch_crisp import persistence
-
-        state_dict, _ = persistence.read_folder(os.path.join(checkpoint, PROJECTOR_DIR))
+        state_dict, _ = read_folder(os.path.join(checkpoint, PROJECTOR_DIR))
         self.projector.load_state_dict(state_dict)
         logger.info("torch_crisp: restored the projector from %s", checkpoint)
 
@@ -419,7 +410,7 @@ class CrispCallback(TrainerCallback):
 def crisp_optimizer_cls_and_kwargs(
     projector: CrispProjector,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    mode: str = "grad",
+    mode: Mode = "grad",
     **optimizer_kwargs: Any,
 ) -> tuple[Callable[[], Callable[..., CrispOptimizer]], dict[str, Any]]:
     """A value for ``Trainer(optimizer_cls_and_kwargs=...)`` that builds a ``CrispOptimizer``.
@@ -434,8 +425,7 @@ def crisp_optimizer_cls_and_kwargs(
         >>> trainer = Trainer(model, args, train_dataset=ds,                       # doctest: +SKIP
         ...     optimizer_cls_and_kwargs=crisp_optimizer_cls_and_kwargs(projector, torch.optim.SGD, lr=0.1))
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
 
     def build(model: nn.Module, **kwargs: Any) -> CrispOptimizer:
         check_projector_matches(projector, model)

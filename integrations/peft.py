@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from torch_crisp import CrispProjector
-from torch_crisp.lora import check_peft_model, is_lora_layer
+from torch_crisp.layers import is_lora_layer
+from torch_crisp.lora import check_peft_model
 
 __all__ = ["LoraLayerReport", "check_lora_model", "lora_delta", "lora_leakage", "lora_report"]
 

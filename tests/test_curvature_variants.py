@@ -1,4 +1,4 @@
-"""Curvature variants (issue 6) against independent oracles.
+"""Curvature variants against independent oracles.
 
 * ``fisher="mc"``: the output factor converges to curvlinops' exact type-2 (Gauss-Newton) factor,
   and on causal-LM dict batches to ``(1/N) Σ_t (diag p_t − p_t p_tᵀ)`` over the shifted loss
@@ -24,9 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector
-from torch_crisp import curvature as C
-from torch_crisp import functional as F
+from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector, functional
+from torch_crisp import curvature as curvature_models
 
 
 def _sum_ce(model, batch):
@@ -201,10 +200,10 @@ def test_ekfac_equals_rotated_diagonal_of_exact_per_example_fisher():
     expected = torch.diagonal(rotation.mT @ fisher @ rotation).reshape(3, 5)
     corrected = state.corrected_curvature()
     assert torch.allclose(corrected, expected, rtol=1e-5, atol=1e-9)  # bases are stored in float32
-    mask, tau = C.corrected_mask(corrected, 0.8)
+    mask, tau = curvature_models.corrected_mask(corrected, 0.8)
     assert torch.equal(state.basis.mask, mask) and state.basis.tau == tau
     assert state.basis.curvature == "ekfac"
-    assert state.num_examples == 6
+    assert state.example_count == 6
 
 
 def test_ekfac_on_gpt2_conv1d_with_padding_matches_per_example_gradients():
@@ -228,7 +227,7 @@ def test_ekfac_on_gpt2_conv1d_with_padding_matches_per_example_gradients():
     rotation = torch.kron(state.basis.U_out.double(), state.basis.U_in.double())
     rotated = G @ rotation  # row n: vec(U_outᵀ G_n U_in)
     expected = rotated.square().mean(dim=0).reshape(state.geometry.d_out, state.geometry.d_in_augmented)
-    assert state.num_examples == 6
+    assert state.example_count == 6
     assert torch.allclose(state.corrected_curvature(), expected, rtol=1e-4, atol=1e-10 * float(expected.max()))
 
 
@@ -262,7 +261,7 @@ def test_activation_projection_uses_input_side_only():
     projector = CrispProjector(model, CrispConfig(target_modules=["0"], curvature="activations", gamma=0.9))
     projector.collect(data, loss_fn=_sum_ce, progress=False)
     basis = projector.layers["0"].basis
-    tau = F.threshold_from_curvature(basis.eig_in, 0.9)
+    tau = functional.threshold_from_curvature(basis.eig_in, 0.9)
     assert basis.tau == tau and basis.curvature == "activations"
     keep = (basis.eig_in.double() < tau).double()
     assert 0 < keep.sum() < keep.numel()
@@ -282,8 +281,8 @@ def test_activation_projection_uses_input_side_only():
 def test_activation_mask_is_monotone_in_gamma_and_keeps_the_null_space(eig, d_out, gammas):
     eig_in = torch.tensor(eig, dtype=torch.float64)
     low, high = gammas
-    mask_low, _ = C.activation_mask(eig_in, d_out, low)
-    mask_high, _ = C.activation_mask(eig_in, d_out, high)
+    mask_low, _ = curvature_models.activation_mask(eig_in, d_out, low)
+    mask_high, _ = curvature_models.activation_mask(eig_in, d_out, high)
     assert mask_low.shape == (d_out, len(eig))
     assert (mask_high <= mask_low).all()  # a larger gamma blocks more
     assert mask_high[:, eig_in == 0].all()
@@ -317,12 +316,12 @@ def test_kfac_equals_exact_gauss_newton_on_deep_linear_network():
     A, S = projector.factors("1")
     with torch.no_grad():
         outputs = model(X)
-    gn = C.layer_gauss_newton(
-        _layer_output_fn(model, "1", X), _as_matrix(model[1]), C.squared_error_output_hessians(outputs)
+    gn = curvature_models.layer_gauss_newton(
+        _layer_output_fn(model, "1", X), _as_matrix(model[1]), curvature_models.squared_error_output_hessians(outputs)
     )
     assert torch.allclose(torch.kron(S, A), gn, rtol=1e-8, atol=1e-10)
     # the exact projector of the energy rule then equals the K-FAC projection
-    Pi, tau = C.gauss_newton_projector(gn, 0.7)
+    Pi, tau = curvature_models.gauss_newton_projector(gn, 0.7)
     assert tau == pytest.approx(projector.layers["1"].basis.tau, rel=1e-5)
     Q = torch.randn(3, 6, dtype=torch.float64)
     assert torch.allclose(projector.project("1", Q), (Pi @ Q.reshape(-1)).reshape(3, 6), atol=1e-5)
@@ -359,8 +358,8 @@ def test_proposition1_activation_null_space_has_zero_gauss_newton_curvature(
 
     with torch.no_grad():
         logits = model(X)
-    gn = C.layer_gauss_newton(
-        _layer_output_fn(model, "0", X), _as_matrix(model[0]), C.cross_entropy_output_hessians(logits)
+    gn = curvature_models.layer_gauss_newton(
+        _layer_output_fn(model, "0", X), _as_matrix(model[0]), curvature_models.cross_entropy_output_hessians(logits)
     )
     U_null = basis.U_in.double()[:, null]
     Q = torch.randn(hidden, d_in + 1, generator=g, dtype=torch.float64)
@@ -368,7 +367,7 @@ def test_proposition1_activation_null_space_has_zero_gauss_newton_curvature(
     if curvature == "ekfac":  # per-example gradients never touch unexcited inputs: c_ij = 0 there
         assert projector.layers["0"].corrected_curvature()[:, null].abs().max() <= 1e-10
     scale = torch.linalg.matrix_norm(gn, ord=2) * Q_null.square().sum()
-    assert C.gauss_newton_curvature(gn, Q_null) <= 1e-8 * scale + 1e-12
+    assert curvature_models.gauss_newton_curvature(gn, Q_null) <= 1e-8 * scale + 1e-12
     assert torch.allclose(projector.project("0", Q_null), Q_null, atol=1e-5)
 
 

@@ -128,8 +128,10 @@ def test_quick_demo_writes_results_in_the_documented_shape(quick_run, capsys) ->
     assert 0.0 <= base["capability"] <= 1.0 and base["perplexity"] > 1.0
     expected = {"ft", "crisp", "crisp-update", "crisp-ekfac", "activations", "lora", "lora-crisp"}
     assert set(results["methods"]) | set(results["skipped"]) == expected
-    # the curvature is collected with the softened softmax the docs describe
-    assert results["settings"]["capability_temperature"] == 3.0
+    # results.json records the settings the run used
+    from torch_crisp.editing.demo.compare import DemoSettings
+
+    assert results["settings"]["capability_temperature"] == DemoSettings(quick=True).capability_temperature
     for name, metrics in results["methods"].items():
         for key in ("reliability", "generalization", "locality", "capability"):
             assert 0.0 <= metrics[key] <= 1.0, (name, key)
@@ -156,8 +158,10 @@ def test_demo_settings_choose_the_anchor_count(capsys) -> None:
     from torch_crisp.cli import main
     from torch_crisp.editing.demo.compare import DemoSettings
 
-    world, _, _ = DemoSettings(num_anchors=150, seed=2).resolved_specs()
-    assert (world.num_anchor_entities, world.num_edits, world.seed) == (150, 100, 2)
+    default, _, _ = DemoSettings().resolved_specs()
+    anchors = default.num_anchor_entities + 7
+    world, _, _ = DemoSettings(num_anchors=anchors, seed=2).resolved_specs()
+    assert (world.num_anchor_entities, world.num_edits, world.seed) == (anchors, default.num_edits, 2)
     assert DemoSettings(quick=True, num_anchors=9).resolved_specs()[0].num_anchor_entities == 9
     assert main(["demo", "--anchors", "0", "--out", "unused"]) == 2
     assert "--anchors must be a positive integer" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Multi-process behaviour (issue 4): factor reduction, shared eigendecompositions, DDP, FSDP2.
+"""Multi-process behaviour: factor reduction, shared eigendecompositions, DDP, FSDP2.
 
 One ``torchrun --nproc_per_node 2`` launch (gloo on CPU) runs every scenario of
 ``distributed_workers/core_worker.py``; the tests below assert on what each rank wrote. Pure
@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector
-from torch_crisp.distributed import assign_greedy, check_supported_parameter, shard_batches
+from torch_crisp.distributed import assign_greedy, shard_batches
+from torch_crisp.dtensor import check_supported_parameter
 
 WORKERS = Path(__file__).parent / "distributed_workers"
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,9 @@ from torch_crisp.editing import (
     teacher_forced,
     train_only,
 )
-from torch_crisp.editing.batching import IGNORE_INDEX, collate
+from torch_crisp.editing.batching import collate
 from torch_crisp.editing.evaluation import cut_at_stop
+from torch_crisp.losses import IGNORE_INDEX
 
 torch.set_num_threads(1)
 

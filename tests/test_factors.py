@@ -184,9 +184,12 @@ def test_capture_context_feeds_a_custom_loop(llama, lm_batches):
             (out.loss * n_terms).backward()
     llama.zero_grad(set_to_none=True)
     custom.update_basis()
+    # The custom loop runs the same forward passes (the tiny model has no dropout, so train mode
+    # computes what collect's eval mode does) and backpropagates the same sum-reduced loss with the
+    # same position mask: the hooks receive identical tensors in the same order, so the sums, and
+    # everything computed from them, are bit-identical.
     for name in reference.target_names:
         for a, b in zip(reference.factors(name), custom.factors(name)):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
-        assert torch.equal(reference.layers[name].basis.mask, custom.layers[name].basis.mask) or (
-            reference.layers[name].basis.mask != custom.layers[name].basis.mask
-        ).float().mean() < 0.01
+            assert torch.equal(a, b)
+        assert torch.equal(reference.layers[name].basis.mask, custom.layers[name].basis.mask)
+        assert reference.layers[name].basis.tau == custom.layers[name].basis.tau

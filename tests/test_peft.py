@@ -15,8 +15,7 @@ from torch_crisp.integrations.hf_trainer import CrispCallback
 from torch_crisp.integrations.peft import check_lora_model, lora_delta, lora_leakage, lora_report
 from transformers import Trainer, TrainingArguments
 
-from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector
-from torch_crisp import functional as F
+from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector, functional
 from torch_crisp.lora import kept_rectangle, rectangle_bases
 
 LEAK_BOUND = 1e-5
@@ -54,7 +53,7 @@ def _kfac_mask(d_out: int, d_in: int, gamma: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     eig_out = torch.rand(d_out, generator=g, dtype=torch.float64) ** 3
     eig_in = torch.rand(d_in, generator=g, dtype=torch.float64) ** 3
-    return F.low_curvature_mask(eig_out, eig_in, gamma)
+    return functional.low_curvature_mask(eig_out, eig_in, gamma)
 
 
 @settings(max_examples=40, deadline=None)

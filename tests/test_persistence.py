@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import lm_batch, tiny_gpt2, tiny_llama
 
-from torch_crisp import CrispConfig, CrispProjector, persistence
+from torch_crisp import CrispConfig, CrispProjector, persistence, serialization
 
 TARGETS = ["mlp.c_proj", "attn.c_attn"]  # GPT-2 Conv1D layers with a bias (transposed storage)
 
@@ -46,7 +46,7 @@ def assert_same_sums(a: CrispProjector, b: CrispProjector) -> None:
     for name in a.target_names:
         la, lb = a.layers[name], b.layers[name]
         assert torch.equal(la.A_sum, lb.A_sum) and torch.equal(la.S_sum, lb.S_sum)
-        assert la.num_tokens == lb.num_tokens
+        assert la.token_count == lb.token_count
 
 
 # ------------------------------------------------------------------ state dicts
@@ -100,7 +100,7 @@ def test_load_state_dict_rejects_foreign_dicts(collected):
     with pytest.raises(ValueError, match="not a torch_crisp projector state"):
         fresh.load_state_dict({"layers": {}})
     with pytest.raises(ValueError, match="format_version"):
-        fresh.load_state_dict({"format": persistence.FORMAT_NAME, "format_version": 99, "layers": {}})
+        fresh.load_state_dict({"format": serialization.FORMAT_NAME, "format_version": 99, "layers": {}})
 
 
 # ------------------------------------------------------------------ folders
@@ -174,7 +174,7 @@ def test_saving_an_empty_projector_round_trips(tmp_path):
     empty.save_pretrained(tmp_path / "empty")
     loaded = CrispProjector.from_pretrained(tmp_path / "empty", model)
     assert not loaded.has_basis
-    assert all(layer.num_tokens == 0 and layer.A_sum is None for layer in loaded.layers.values())
+    assert all(layer.token_count == 0 and layer.A_sum is None for layer in loaded.layers.values())
 
 
 def test_missing_or_foreign_folders_are_clear_errors(tmp_path):
@@ -287,7 +287,7 @@ def test_curvature_variants_round_trip(tmp_path, curvature):
         assert layer.basis.curvature == curvature
         if curvature == "ekfac":
             assert torch.equal(layer.correction_sum, projector.layers[name].correction_sum)
-            assert layer.num_examples == projector.layers[name].num_examples == 6
+            assert layer.example_count == projector.layers[name].example_count == 6
 
     # a new gamma re-thresholds the loaded curvature exactly as the original would
     regammad = CrispProjector.from_pretrained(tmp_path / "p", model, gamma=0.99)
@@ -295,7 +295,7 @@ def test_curvature_variants_round_trip(tmp_path, curvature):
         if curvature == "ekfac":
             layer.apply_correction(0.99)
         else:
-            layer.update_basis(0.99, curvature=curvature)
+            layer.compute_basis(0.99, curvature)
     assert_same_projections(projector, regammad)
 
 
@@ -313,11 +313,11 @@ def test_ekfac_state_without_its_correction_warns(collected):
 def test_align_layer_names_only_through_one_consistent_prefix():
     saved = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     wrapped = ["base_model.model." + n for n in saved]
-    assert persistence.align_layer_names(saved, wrapped) == dict(zip(wrapped, saved))
-    assert persistence.align_layer_names(wrapped, saved) == dict(zip(saved, wrapped))
-    assert persistence.align_layer_names(saved, saved) == {n: n for n in saved}
+    assert serialization.align_layer_names(saved, wrapped) == dict(zip(wrapped, saved))
+    assert serialization.align_layer_names(wrapped, saved) == dict(zip(saved, wrapped))
+    assert serialization.align_layer_names(saved, saved) == {n: n for n in saved}
     other = ["base_model.model.model.layers.0.mlp.down_proj", "base_model.model.model.layers.2.mlp.down_proj"]
-    assert persistence.align_layer_names(saved, other) == {n: n for n in other}  # no consistent prefix
+    assert serialization.align_layer_names(saved, other) == {n: n for n in other}  # no consistent prefix
 
 
 def test_factors_collected_on_the_plain_model_load_into_its_peft_wrapper(tmp_path):

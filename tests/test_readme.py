@@ -21,12 +21,23 @@ def test_quickstart_is_the_readme_example():
 
 
 def test_readme_example_runs_and_trains_within_the_kept_subspace(capsys):
+    # the example's lines before the projector build the (seeded) model: run them alone for the start weights
+    example = readme_example()
+    start: dict = {}
+    exec(compile(example[: example.index("projector = ")], "readme-prefix", "exec"), start)
     namespace = runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
-    projector = namespace["projector"]
+    projector, model = namespace["projector"], namespace["model"]
+    assert projector.model is model
     fractions = projector.kept_fraction()
     assert set(fractions) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
-    assert all(0.0 < f < 1.0 for f in fractions.values())
     assert "model.layers.0.mlp.down_proj" in capsys.readouterr().out
+    before = dict(start["model"].named_parameters())
+    for name, state in projector.layers.items():
+        weight = state.geometry.weight.detach()
+        delta = weight - before[f"{name}.weight"].detach()
+        assert delta.norm() > 0, f"{name} did not train"
+        leak = (delta - projector.project(name, delta)).norm() / delta.norm()
+        assert leak < 1e-5, f"{name}: {leak:.2e} of the change lies in blocked directions"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -33,7 +33,7 @@ def test_collecting_d1_then_d2_equals_collecting_their_union():
         s, u = sequential.layers[name], union.layers[name]
         # same batches in the same order: the sums are the same floating-point operations
         assert torch.equal(s.A_sum, u.A_sum) and torch.equal(s.S_sum, u.S_sum)
-        assert s.num_tokens == u.num_tokens == n1 + n2
+        assert s.token_count == u.token_count == n1 + n2
         assert torch.equal(s.basis.mask, u.basis.mask)
         # token-count weighting: A(D1 ∪ D2) = (N1 A(D1) + N2 A(D2)) / (N1 + N2)
         expected = (n1 * after_d1[name] + n2 * only_d2.factors(name)[0]) / (n1 + n2)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_crisp import functional as F
+from torch_crisp import functional
 from torch_crisp.spectrum import factor_summary, gamma_sweep, spectra_from_sums, sweep_curvature
 
 GAMMAS = [0.3, 0.5, 0.9, 0.95, 0.99, 0.999]
@@ -31,10 +31,10 @@ def spectra(draw):
 @given(spectra())
 def test_sweep_matches_the_mask_of_the_energy_rule(pair):
     eig_out, eig_in = pair
-    c = F.curvature_grid(eig_out, eig_in)
+    c = functional.curvature_grid(eig_out, eig_in)
     for point in gamma_sweep(eig_out, eig_in, GAMMAS):
-        tau = F.energy_threshold(eig_out, eig_in, point.gamma)
-        mask = F.low_curvature_mask(eig_out, eig_in, point.gamma)
+        tau = functional.energy_threshold(eig_out, eig_in, point.gamma)
+        mask = functional.low_curvature_mask(eig_out, eig_in, point.gamma)
         assert point.tau == tau
         assert round(point.kept_fraction * mask.numel()) == int(mask.sum())
         assert point.kept_fraction == int(mask.sum()) / mask.numel()
@@ -73,6 +73,6 @@ def test_factor_summary_and_spectra_from_sums():
 def test_sweep_of_arbitrary_curvature_matches_threshold_from_curvature(values):
     c = torch.tensor(values, dtype=torch.float32)  # e.g. λ_in (activations) or EK-FAC's corrected c
     for point in sweep_curvature(c, GAMMAS):
-        tau = F.threshold_from_curvature(c, point.gamma)
+        tau = functional.threshold_from_curvature(c, point.gamma)
         assert point.tau == tau
         assert point.kept_fraction == int((c.double() < tau).sum()) / c.numel()

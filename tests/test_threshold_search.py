@@ -15,12 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_crisp import functional as F
+from torch_crisp import functional
 from torch_crisp.functional import _kfac_threshold_by_search
 
 
 def reference(eig_out: torch.Tensor, eig_in: torch.Tensor, gamma: float) -> float:
-    return F.threshold_from_curvature(F.curvature_grid(eig_out, eig_in), gamma)
+    return functional.threshold_from_curvature(functional.curvature_grid(eig_out, eig_in), gamma)
 
 
 def same(a: float, b: float) -> bool:
@@ -69,14 +69,14 @@ def test_search_matches_on_random_spectra_with_ties(seed):
 def test_energy_threshold_uses_the_search_above_the_switch_and_agrees():
     g = torch.Generator().manual_seed(7)
     d_out, d_in = 300, 600  # 180 000 entries > _SEARCH_MIN_GRID
-    assert d_out * d_in > F._SEARCH_MIN_GRID
+    assert d_out * d_in > functional._SEARCH_MIN_GRID
     eig_out = torch.rand(d_out, generator=g) ** 6
     eig_in = torch.rand(d_in, generator=g) ** 6
     for gamma in (0.5, 0.9, 0.999):
-        tau = F.energy_threshold(eig_out, eig_in, gamma)
+        tau = functional.energy_threshold(eig_out, eig_in, gamma)
         assert tau == reference(eig_out, eig_in, gamma)
-        mask = F.low_curvature_mask(eig_out, eig_in, gamma)
-        assert torch.equal(mask, F.curvature_grid(eig_out, eig_in) < tau)
+        mask = functional.low_curvature_mask(eig_out, eig_in, gamma)
+        assert torch.equal(mask, functional.curvature_grid(eig_out, eig_in) < tau)
 
 
 def test_all_zero_curvature_keeps_everything():

@@ -6,6 +6,7 @@ those layers is projected onto them.
 """
 
 from . import functional
+from ._version import __version__ as __version__
 from .config import CrispConfig
 from .optimizer import CrispOptimizer
 from .projector import CrispProjector
@@ -19,4 +20,3 @@ __all__ = [
     "functional",
     "reproject_optimizer_state",
 ]
-__version__ = "0.1.0"

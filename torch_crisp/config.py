@@ -1,20 +1,49 @@
-"""User-facing configuration of a :class:`~torch_crisp.CrispProjector`."""
+"""User-facing configuration of a :class:`~torch_crisp.CrispProjector`, and the named choices.
+
+The modes, Fisher types and curvature models are ``typing.Literal`` types with one checker each,
+so every entry point (config, optimizer, Trainer callback, command line) accepts the same values
+and refuses others with the same message.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 
-__all__ = ["CrispConfig"]
+__all__ = [
+    "CURVATURES",
+    "FISHER_TYPES",
+    "MODES",
+    "CrispConfig",
+    "Curvature",
+    "FisherType",
+    "Mode",
+    "TargetModules",
+    "check_choice",
+]
 
 TargetModules = Union[list[str], str]
 
-_FISHER_TYPES = ("empirical", "mc")
-_CURVATURES = ("kfac", "ekfac", "activations")
+Mode = Literal["grad", "update"]
+"""``"grad"``: project each gradient before the inner step (the paper); ``"update"``: project the
+parameter change after it (exact for any optimizer)."""
+FisherType = Literal["empirical", "mc"]
+Curvature = Literal["kfac", "ekfac", "activations"]
+
+MODES: tuple[str, ...] = get_args(Mode)
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
+CURVATURES: tuple[str, ...] = get_args(Curvature)
 _FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -42,8 +71,8 @@ class CrispConfig:
 
     target_modules: TargetModules = field(default_factory=lambda: ["mlp.down_proj"])
     gamma: float = 0.9
-    fisher: str = "empirical"
-    curvature: str = "kfac"
+    fisher: FisherType = "empirical"
+    curvature: Curvature = "kfac"
     factor_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -58,14 +87,9 @@ class CrispConfig:
                 f"gamma must lie strictly between 0 and 1, got {self.gamma}; typical values are "
                 "0.9 to 0.999 (larger blocks more curvature)"
             )
-        if self.fisher not in _FISHER_TYPES:
-            raise ValueError(f"fisher must be one of {_FISHER_TYPES}, got {self.fisher!r}")
-        if self.curvature not in _CURVATURES:
-            raise ValueError(f"curvature must be one of {_CURVATURES}, got {self.curvature!r}")
-        if self.factor_dtype not in _FACTOR_DTYPES:
-            raise ValueError(
-                f"factor_dtype must be one of {tuple(_FACTOR_DTYPES)}, got {self.factor_dtype!r}"
-            )
+        check_choice("fisher", self.fisher, FISHER_TYPES)
+        check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("factor_dtype", self.factor_dtype, tuple(_FACTOR_DTYPES))
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["lm_batches", "read_documents", "token_windows"]
+__all__ = ["lm_batches", "pad_token_id", "read_documents", "token_windows"]
 
 _SPLITS = ("auto", "line", "blank")
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call: batched calls are much faster
@@ -155,3 +155,16 @@ def lm_batches(windows: Sequence[Sequence[int]], *, batch_size: int, pad_id: int
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     return batches
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padding positions have ``attention_mask == 0`` and label -100 everywhere torch_crisp builds
+    batches (collection, editing, evaluation), so they are never attended to, scored or
+    collected, and any valid id will do.
+    """
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

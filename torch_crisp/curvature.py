@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import functional as F
+from . import functional
 
 __all__ = [
     "activation_mask",
@@ -60,7 +60,7 @@ def activation_mask(eig_in: Tensor, d_out: int, gamma: float) -> tuple[Tensor, f
     """
     if d_out < 1:
         raise ValueError(f"d_out must be positive, got {d_out}")
-    tau = F.threshold_from_curvature(eig_in, gamma)
+    tau = functional.threshold_from_curvature(eig_in, gamma)
     row = eig_in.to(torch.float64) < tau
     return row.unsqueeze(0).expand(d_out, -1).clone(), tau
 
@@ -125,7 +125,7 @@ def ekfac_curvature_sum(
 
 def corrected_mask(curvature: Tensor, gamma: float) -> tuple[Tensor, float]:
     """Kept mask ``c < τ`` and threshold ``τ`` of the energy rule on arbitrary curvature ``c``."""
-    tau = F.threshold_from_curvature(curvature, gamma)
+    tau = functional.threshold_from_curvature(curvature, gamma)
     return curvature.to(torch.float64) < tau, tau
 
 
@@ -216,8 +216,8 @@ def gauss_newton_projector(gn: Tensor, gamma: float) -> tuple[Tensor, float]:
     ``Π = V_kept V_keptᵀ`` over the eigenvectors with ``μ < τ`` (``P(Q) = unvec(Π vec(Q))``).
     Returns ``(Π, τ)``.
     """
-    eig, vecs = F.symmetric_eigh(gn.to(torch.float64))
-    tau = F.threshold_from_curvature(eig, gamma)
+    eig, vecs = functional.symmetric_eigh(gn.to(torch.float64))
+    tau = functional.threshold_from_curvature(eig, gamma)
     kept = vecs[:, eig < tau]
     return kept @ kept.mT, tau
 

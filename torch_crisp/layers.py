@@ -1,5 +1,9 @@
 """Which modules are projected, and how a module's parameters map to the logical ``W``.
 
+Target discovery (:func:`find_target_modules`, peft-style ``target_modules``) is the one place
+that decides which layers a spec selects: the Python API and both command lines use it. peft
+tuner wrappers (LoRA) are seen through here, by duck typing (peft is never imported).
+
 A projected layer computes ``z = W a + b`` with a logical weight ``W`` of shape
 ``(d_out, d_in)``. ``nn.Linear`` stores ``W`` as is; Hugging Face's ``Conv1D`` (GPT-2 family)
 stores its transpose. The orientation is decided by the module type and weight shape only.
@@ -10,7 +14,7 @@ column is projected together with ``W`` (matching the bias-augmented input facto
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +22,15 @@ from torch import Tensor, nn
 
 from .config import TargetModules
 
-__all__ = ["LinearGeometry", "find_target_modules", "is_projectable"]
+__all__ = [
+    "LinearGeometry",
+    "find_target_modules",
+    "innermost_base_layer",
+    "is_lora_layer",
+    "is_projectable",
+    "is_tuner_layer",
+    "named_projectable_modules",
+]
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -34,6 +46,51 @@ def is_projectable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
 
 
+# ----------------------------------------------------------------------------- peft wrappers
+def is_tuner_layer(module: nn.Module) -> bool:
+    """A peft tuner wrapper (any method): a module that wraps a ``base_layer`` module."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """A LoRA wrapper: ``base_layer`` plus ``lora_A`` / ``lora_B`` module dicts and ``scaling``."""
+    return (
+        is_tuner_layer(module)
+        and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+        and isinstance(getattr(module, "scaling", None), Mapping)
+    )
+
+
+def innermost_base_layer(module: nn.Module) -> nn.Module:
+    """Follow ``base_layer`` links (wrappers can nest) down to the wrapped module."""
+    while is_tuner_layer(module):
+        module = module.base_layer  # type: ignore[assignment]
+    return module
+
+
+def named_projectable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every projectable layer, seeing through peft tuner wrappers.
+
+    A wrapper is reported under its own name (the name the user's ``target_modules`` refers to)
+    with its innermost base layer as the module; nothing inside a wrapper (``base_layer``,
+    ``lora_A.default``, ``lora_B.default``, ...) is reported, so ``"all-linear"`` never selects
+    the adapters' own small linear layers.
+    """
+    wrapper_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in wrapper_prefixes):
+            continue
+        if is_tuner_layer(module):
+            wrapper_prefixes.append(name + ".")
+            base = innermost_base_layer(module)
+            if is_projectable(base):
+                yield name, base
+        elif is_projectable(module):
+            yield name, module
+
+
+# ----------------------------------------------------------------------------- geometry
 @dataclass(frozen=True)
 class LinearGeometry:
     """How to read and write the gradient matrix ``[∂W | ∂b]`` of one module."""
@@ -106,11 +163,8 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules) -> dict
     Only projectable modules (``nn.Linear`` / ``Conv1D``) are returned. Raises ``ValueError``
     naming the pattern when a suffix, a regex or ``"all-linear"`` matches no projectable module.
     """
-    # peft tuner wrappers (LoRA) count as the layer they wrap, under the wrapper's name; lazy
-    # import because torch_crisp.lora takes is_projectable from this module.
-    from .lora import named_projectable_modules
-
-    linear: list[tuple[str, nn.Module]] = list(named_projectable_modules(model, is_projectable))
+    # peft tuner wrappers (LoRA) count as the layer they wrap, under the wrapper's name
+    linear: list[tuple[str, nn.Module]] = list(named_projectable_modules(model))
     if not linear:
         raise ValueError(
             f"{type(model).__name__} contains no nn.Linear or Conv1D module; nothing can be projected"
@@ -146,8 +200,3 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules) -> dict
         if not any(matches(n, suffix) for n, _ in linear):
             raise ValueError(f"target_modules entry {suffix!r} matches no linear module; {examples()}")
     return {n: m for n, m in linear if any(matches(n, s) for s in target_modules)}
-
-
-def iter_geometries(modules: dict[str, nn.Module]) -> Iterator[tuple[str, LinearGeometry]]:
-    for name, module in modules.items():
-        yield name, LinearGeometry.of(module)

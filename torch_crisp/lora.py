@@ -35,70 +35,27 @@ one dimension smaller in general.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .basis import Basis
+from .layers import is_lora_layer, is_tuner_layer
+
 __all__ = [
     "LoraLayer",
     "LoraRectangle",
     "check_peft_model",
-    "is_lora_layer",
-    "is_tuner_layer",
+    "find_lora_layers",
     "kept_rectangle",
-    "named_projectable_modules",
     "rectangle_bases",
     "reproject_after_basis_change",
 ]
 
 
-# ----------------------------------------------------------------------------- detection
-def is_tuner_layer(module: nn.Module) -> bool:
-    """A peft tuner wrapper (any method): a module that wraps a ``base_layer`` module."""
-    return isinstance(getattr(module, "base_layer", None), nn.Module)
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    """A LoRA wrapper: ``base_layer`` plus ``lora_A`` / ``lora_B`` module dicts and ``scaling``."""
-    return (
-        is_tuner_layer(module)
-        and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
-        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
-        and isinstance(getattr(module, "scaling", None), Mapping)
-    )
-
-
-def innermost_base_layer(module: nn.Module) -> nn.Module:
-    """Follow ``base_layer`` links (wrappers can nest) down to the wrapped module."""
-    while is_tuner_layer(module):
-        module = module.base_layer  # type: ignore[assignment]
-    return module
-
-
-def named_projectable_modules(model: nn.Module, is_projectable) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every projectable layer, seeing through peft tuner wrappers.
-
-    A wrapper is reported under its own name (the name the user's ``target_modules`` refers to)
-    with its innermost base layer as the module; nothing inside a wrapper (``base_layer``,
-    ``lora_A.default``, ``lora_B.default``, ...) is reported, so ``"all-linear"`` never selects
-    the adapters' own small linear layers. ``is_projectable`` is passed in so that this module
-    does not import :mod:`torch_crisp.layers` (which imports this one).
-    """
-    wrapper_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in wrapper_prefixes):
-            continue
-        if is_tuner_layer(module):
-            wrapper_prefixes.append(name + ".")
-            base = innermost_base_layer(module)
-            if is_projectable(base):
-                yield name, base
-        elif is_projectable(module):
-            yield name, module
-
-
+# ----------------------------------------------------------------------------- configuration
 def _peft_type_name(config: object) -> str:
     peft_type = getattr(config, "peft_type", None)
     return str(getattr(peft_type, "value", peft_type))
@@ -211,18 +168,6 @@ class LoraRectangle:
         return self.out_basis.shape[1] == 0 or self.in_basis.shape[1] == 0
 
 
-def _project_columns(matrix: Tensor, basis: Tensor) -> Tensor:
-    """``basis basisᵀ matrix`` (columns onto ``span basis``), computed in the basis dtype."""
-    m = matrix.to(basis.dtype)
-    return (basis @ (basis.mT @ m)).to(matrix.dtype)
-
-
-def _project_rows(matrix: Tensor, basis: Tensor) -> Tensor:
-    """``matrix basis basisᵀ`` (rows onto ``span basis``), computed in the basis dtype."""
-    m = matrix.to(basis.dtype)
-    return ((m @ basis) @ basis.mT).to(matrix.dtype)
-
-
 class LoraLayer:
     """One LoRA wrapper whose adapters are constrained to the kept rectangle of its base layer.
 
@@ -273,8 +218,8 @@ class LoraLayer:
             raise RuntimeError(f"layer {self.name!r} has no LoRA adapters")
         return total
 
-    def rectangle(self, basis) -> LoraRectangle:
-        """The kept rectangle of ``basis`` (a :class:`~torch_crisp.state.Basis`), cached per basis.
+    def rectangle(self, basis: Basis) -> LoraRectangle:
+        """The kept rectangle of ``basis`` , cached per basis.
 
         Bases are immutable (a new mask means a new ``Basis``), so the basis' identity is the key.
         """
@@ -293,40 +238,52 @@ class LoraLayer:
                 )
         return self._rectangle
 
-    @torch.no_grad()
-    def project_grads_(self, basis) -> tuple[float, float]:
-        """Project the adapters' gradients onto the rectangle's subspaces, in place.
+    def constrained_pairs(self) -> list[tuple[Tensor, bool]]:
+        """``(parameter, column_side)`` of every adapter: ``B`` (columns constrained), ``A`` (rows)."""
+        return [(param, column_side) for _, A, B in self.adapters() for param, column_side in
+                ((B.weight, True), (A.weight, False))]
 
-        ``∂B ← P_R ∂B`` (columns), ``∂A ← ∂A P_C`` (rows), the orthogonal projection of the
-        gradient onto the constraint subspace of the parameters. Returns ``(‖g‖², ‖g − P g‖²)``
-        summed over the adapters, for the removed-fraction statistic.
+    def project_like_(self, basis: Basis, tensor: Tensor, column_side: bool) -> Tensor:
+        """Project a tensor shaped like ``B`` (``column_side``) or ``A`` onto its subspace, in place.
+
+        ``B``-shaped tensors have their columns projected onto ``span U_out[:, R]``, ``A``-shaped
+        ones their rows onto the allowed span of ``U_in[:, C]``: the orthogonal projection onto the
+        constraint subspace of the parameters. The same map serves parameters, gradients and
+        first moments of the optimizer. Returns ``tensor``.
         """
         rect = self.rectangle(basis)
+        U = (rect.out_basis if column_side else rect.in_basis).to(tensor.device)
+        m = tensor.to(U.dtype)
+        projected = U @ (U.mT @ m) if column_side else (m @ U) @ U.mT
+        return tensor.copy_(projected.to(tensor.dtype))
+
+    @torch.no_grad()
+    def project_grads_(self, basis: Basis) -> tuple[float, float]:
+        """Project the adapters' gradients onto the rectangle's subspaces, in place.
+
+        ``∂B ← P_R ∂B`` (columns), ``∂A ← ∂A P_C`` (rows). Returns ``(‖g‖², ‖g − P g‖²)`` summed over
+        the adapters, for the removed-fraction statistic.
+        """
         total = removed = 0.0
-        for _, A, B in self.adapters():
-            for param, column_side in ((B.weight, True), (A.weight, False)):
-                grad = param.grad
-                if grad is None:
-                    continue
-                basis_ = rect.out_basis if column_side else rect.in_basis
-                projected = _project_columns(grad, basis_) if column_side else _project_rows(grad, basis_)
-                g_sq = float(grad.float().square().sum())
-                total += g_sq
-                removed += max(g_sq - float(projected.float().square().sum()), 0.0)
-                grad.copy_(projected)
+        for param, column_side in self.constrained_pairs():
+            grad = param.grad
+            if grad is None:
+                continue
+            g_sq = float(grad.float().square().sum())
+            p_sq = float(self.project_like_(basis, grad, column_side).float().square().sum())
+            total += g_sq
+            removed += max(g_sq - p_sq, 0.0)
         return total, removed
 
     @torch.no_grad()
-    def project_parameters_(self, basis) -> None:
+    def project_parameters_(self, basis: Basis) -> None:
         """Project ``B``'s columns and ``A``'s rows onto the rectangle's subspaces, in place.
 
         Afterwards ``U_outᵀ (B A) U_in`` vanishes outside ``R × C`` (up to rounding of the
         parameters' dtype). Idempotent; cheap (``O((d_in + d_out) · rank · k)``).
         """
-        rect = self.rectangle(basis)
-        for _, A, B in self.adapters():
-            B.weight.copy_(_project_columns(B.weight, rect.out_basis.to(B.weight.device)))
-            A.weight.copy_(_project_rows(A.weight, rect.in_basis.to(A.weight.device)))
+        for param, column_side in self.constrained_pairs():
+            self.project_like_(basis, param, column_side)
 
 
 def find_lora_layers(model: nn.Module, names_and_d_in: Mapping[str, int]) -> dict[str, LoraLayer]:
@@ -351,7 +308,7 @@ def find_lora_layers(model: nn.Module, names_and_d_in: Mapping[str, int]) -> dic
 
 
 @torch.no_grad()
-def reproject_after_basis_change(lora_layers: Mapping[str, LoraLayer], bases: Mapping[str, object]) -> None:
+def reproject_after_basis_change(lora_layers: Mapping[str, LoraLayer], bases: Mapping[str, Basis | None]) -> None:
     """Project every LoRA layer into the kept rectangle of its (new) basis, warning on lost changes.
 
     At the first basis ``B = 0``, so projecting ``A``'s initialisation does not change the model.

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .config import MODES, Mode, check_choice
+from .projection import ParameterChange
 from .projector import CrispProjector
 
-__all__ = ["CrispOptimizer", "ParameterChange"]
+__all__ = ["CrispOptimizer", "warn_unprojected_parameters"]
 
-_MODES = ("grad", "update")
+
+def warn_unprojected_parameters(
+    projector: CrispProjector, named_parameters: Iterable[tuple[str, Tensor]], *, where: str, stacklevel: int = 3
+) -> list[str]:
+    """Warn once when trainable parameters lie outside every projected layer; return their names.
+
+    ``where`` completes "… are outside every projected layer: <where> updates them without any
+    capability constraint".
+    """
+    projected = {id(p) for p in projector.projected_parameters()}
+    outside = [(n, p) for n, p in named_parameters if p.requires_grad and id(p) not in projected]
+    if outside:
+        names = [n for n, _ in outside]
+        shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+        count = sum(p.numel() for _, p in outside)
+        warnings.warn(
+            f"{len(outside)} trainable parameter tensors ({count} values: {shown}) are outside every projected "
+            f"layer; {where} updates them without any capability constraint (freeze them or add their layers to "
+            "target_modules if that is not intended)",
+            stacklevel=stacklevel,
+        )
+    return [n for n, _ in outside]
 
 
 class CrispOptimizer(Optimizer):
@@ -37,15 +60,14 @@ class CrispOptimizer(Optimizer):
     warning is issued once at construction if any of them is trainable).
     """
 
-    def __init__(self, optimizer: Optimizer, projector: CrispProjector, mode: str = "grad") -> None:
+    def __init__(self, optimizer: Optimizer, projector: CrispProjector, mode: Mode = "grad") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"CrispOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, CrispOptimizer):
             raise TypeError("the optimizer is already a CrispOptimizer; wrap the inner optimizer only once")
         if not isinstance(projector, CrispProjector):
             raise TypeError(f"projector must be a CrispProjector, got {type(projector).__name__}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        check_choice("mode", mode, MODES)
         self.optimizer = optimizer
         self.projector = projector
         self.mode = mode
@@ -59,7 +81,11 @@ class CrispOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
         self._warned_nothing_projected = False
-        self._warn_unprojected_parameters()
+        params = [p for group in self.param_groups for p in group["params"]]
+        names = {id(p): n for n, p in projector.model.named_parameters()}
+        warn_unprojected_parameters(
+            projector, [(names.get(id(p), "?"), p) for p in params], where="CrispOptimizer", stacklevel=3
+        )
 
     # ----------------------------------------------------------------- shared attributes
     @property
@@ -86,20 +112,6 @@ class CrispOptimizer(Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
-    def _warn_unprojected_parameters(self) -> None:
-        projected = {id(p) for p in self.projector.projected_parameters()}
-        outside = [
-            p for group in self.param_groups for p in group["params"] if p.requires_grad and id(p) not in projected
-        ]
-        if outside:
-            count = sum(p.numel() for p in outside)
-            warnings.warn(
-                f"{len(outside)} trainable parameter tensors ({count} values) are outside every projected "
-                "layer; CrispOptimizer updates them without any capability constraint (freeze them or "
-                "add their layers to target_modules if that is not intended)",
-                stacklevel=3,
-            )
-
     # ----------------------------------------------------------------- stepping
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -121,9 +133,9 @@ class CrispOptimizer(Optimizer):
             # them after the inner step so any optimizer keeps scaling·B·A in the kept set.
             self.projector.project_lora_parameters_()
         else:
-            change = ParameterChange(self.projector)
+            change = ParameterChange(self.projector.layers, self.projector.lora_layers)
             self.optimizer.step()
-            change.project_()
+            self.projector.record_projection(change.project_())
         return loss
 
     def _warn_if_nothing_projected(self) -> None:
@@ -172,55 +184,3 @@ class CrispOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-
-
-class ParameterChange:
-    """The projected parameters before an optimizer step; :meth:`project_` projects the change.
-
-    Update-mode projection, shared by :class:`CrispOptimizer` and the Trainer callback: each
-    target layer's change ``Δ = [W | b]_after − [W | b]_before`` is replaced by ``P(Δ)``, and LoRA
-    adapters are re-projected into their kept rectangles. Costs one copy of the projected
-    parameters while the step runs.
-    """
-
-    def __init__(self, projector: CrispProjector) -> None:
-        self.projector = projector
-        self._layers: list[tuple[Any, list[Tensor], Tensor]] = []
-        for state in projector.layers.values():
-            projector.require_basis(state)
-            params = state.geometry.parameters()
-            if any(p.requires_grad for p in params):
-                self._layers.append((state, params, self._matrix(state, params).clone()))
-        # LoRA parameters already lie in their subspaces (projected after every step)
-        self._lora = [(p, p.detach().clone()) for layer in projector.lora_layers.values() for p in layer.parameters()]
-
-    @staticmethod
-    def _matrix(state: Any, params: list[Tensor]) -> Tensor:
-        return state.geometry.as_matrix(params[0].detach(), params[1].detach() if state.geometry.has_bias else None)
-
-    @torch.no_grad()
-    def project_(self) -> tuple[Tensor, Tensor]:
-        """Project this step's changes in place; return ``(‖Δ‖², ‖Δ − P(Δ)‖²)`` summed over layers.
-
-        The sums stay 0-dim tensors (no device synchronisation on the step's path); the
-        projector's :attr:`~CrispProjector.last_removed_fraction` reads them when asked. A skipped
-        step (GradScaler overflow) has ``Δ = 0`` and ``P(0) = 0`` leaves the weights as they were.
-        """
-        total = removed = torch.zeros(())
-        for state, params, before in self._layers:
-            delta = self._matrix(state, params).to(before.dtype) - before
-            projected = state.project(delta)
-            d_sq, p_sq = delta.float().square().sum(), projected.float().square().sum()
-            total, removed = total.to(d_sq.device) + d_sq, removed.to(d_sq.device) + (d_sq - p_sq).clamp_min(0)
-            for param, value in zip(params, state.geometry.split_matrix(before + projected)):
-                if value is not None and param.requires_grad:
-                    param.copy_(value)
-        if self._lora:
-            stepped = [p.detach().clone() for p, _ in self._lora]
-            self.projector.project_lora_parameters_()
-            for (param, old), after_step in zip(self._lora, stepped):
-                d_sq = (after_step - old).float().square().sum()
-                r_sq = (param.detach() - after_step).float().square().sum()
-                total, removed = total.to(d_sq.device) + d_sq, removed.to(d_sq.device) + r_sq
-        self.projector._total_sq, self.projector._removed_sq = total, removed
-        return total, removed

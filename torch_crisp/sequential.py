@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .projector import CrispProjector, LossFn, move_to_device
+from .collection import move_to_device
+from .losses import LossFn, training_loss
+from .projector import CrispProjector
 
 __all__ = ["FIRST_MOMENT_KEYS", "RoundStats", "SequentialEditor", "reproject_optimizer_state"]
 
@@ -60,7 +62,7 @@ def reproject_optimizer_state(
             entries = [state[p].get(key) if p in state else None for p in params]  # no defaultdict inserts
             if all(not isinstance(e, Tensor) for e in entries):
                 continue
-            projector.require_basis(layer)
+            layer.require_basis()
             filled = [e if isinstance(e, Tensor) else torch.zeros_like(p) for p, e in zip(params, entries)]
             bias = filled[1] if layer.geometry.has_bias else None
             projected = layer.project(layer.geometry.as_matrix(filled[0], bias))
@@ -78,20 +80,15 @@ def _reproject_lora_state(state: Any, projector: CrispProjector, keys: Sequence[
     kept rectangle of the layer's basis, so the first moment is projected onto the new one.
     """
     changed = 0
-    for name, lora_layer in getattr(projector, "lora_layers", {}).items():
+    for name, lora_layer in projector.lora_layers.items():
         basis = projector.layers[name].basis
         if basis is None:
             continue
-        rectangle = lora_layer.rectangle(basis)
-        for _, lora_A, lora_B in lora_layer.adapters():
-            for param, columns in ((lora_B.weight, True), (lora_A.weight, False)):
-                for key in keys:
-                    moment = state[param].get(key) if param in state else None
-                    if not isinstance(moment, Tensor):
-                        continue
-                    U = (rectangle.out_basis if columns else rectangle.in_basis).to(moment.device)
-                    m = moment.to(U.dtype)
-                    moment.copy_((U @ (U.mT @ m) if columns else (m @ U) @ U.mT).to(moment.dtype))
+        for param, column_side in lora_layer.constrained_pairs():
+            for key in keys:
+                moment = state[param].get(key) if param in state else None
+                if isinstance(moment, Tensor):
+                    lora_layer.project_like_(basis, moment, column_side)
                     changed += 1
     return changed
 
@@ -130,19 +127,6 @@ class RoundStats:
     def mean_kept_fraction(self) -> float:
         values = list(self.kept_fraction.values())
         return sum(values) / len(values) if values else math.nan
-
-
-def _training_loss(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
-    if loss_fn is not None:
-        result = loss_fn(model, batch)
-        return result[0] if isinstance(result, tuple) else result
-    if not isinstance(batch, Mapping):
-        raise ValueError("non-dict batches need loss_fn=lambda model, batch: <loss>")
-    output = model(**batch)
-    loss = output["loss"] if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if loss is None:
-        raise ValueError(f"{type(model).__name__}(**batch) returned no loss; pass labels or loss_fn")
-    return loss
 
 
 class SequentialEditor:
@@ -206,7 +190,7 @@ class SequentialEditor:
         model = self.projector.model
         device = next(iter(model.parameters())).device
         first = next(iter(self.projector.layers.values()))
-        tokens_before = float(first.num_tokens)
+        tokens_before = float(first.token_count)
         losses: list[float] = []
         removed: list[float] = []
         projects_grads = getattr(self.optimizer, "mode", None) == "grad"
@@ -214,7 +198,7 @@ class SequentialEditor:
             seen = 0
             for batch in batches:
                 seen += 1
-                loss = _training_loss(model, move_to_device(batch, device), self.loss_fn)
+                loss = training_loss(model, move_to_device(batch, device), self.loss_fn)
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -236,8 +220,8 @@ class SequentialEditor:
             mean_loss=sum(losses) / len(losses),
             last_loss=losses[-1],
             mean_removed_fraction=sum(removed) / len(removed) if removed else None,
-            tokens_added=float(first.num_tokens) - tokens_before,
-            total_tokens=float(first.num_tokens),
+            tokens_added=float(first.token_count) - tokens_before,
+            total_tokens=float(first.token_count),
             kept_fraction=self.projector.kept_fraction(),
             optimizer_tensors_reprojected=reprojected,
             seconds=time.perf_counter() - start,

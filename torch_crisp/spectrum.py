@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import functional as F
+from . import functional
 
 __all__ = ["FactorSummary", "GammaPoint", "factor_summary", "gamma_sweep", "spectra_from_sums", "sweep_curvature"]
 
@@ -55,8 +55,8 @@ def spectra_from_sums(A_sum: Tensor, S_sum: Tensor, num_tokens: float) -> tuple[
     """Eigenvalues ``(λ_in, λ_out)`` of ``A = A_sum / N`` and ``S = S_sum / N`` (ascending, ≥ 0)."""
     if num_tokens <= 0:
         raise ValueError("the factors hold no tokens; nothing was collected for this layer")
-    eig_in, _ = F.symmetric_eigh(A_sum / num_tokens)
-    eig_out, _ = F.symmetric_eigh(S_sum / num_tokens)
+    eig_in, _ = functional.symmetric_eigh(A_sum / num_tokens)
+    eig_out, _ = functional.symmetric_eigh(S_sum / num_tokens)
     return eig_in, eig_out
 
 
@@ -91,7 +91,7 @@ def gamma_sweep(eig_out: Tensor, eig_in: Tensor, gammas: Sequence[float]) -> lis
     without the grid on large layers; the two can differ only when ``γ·Σc`` lies within float64
     rounding of a prefix sum.
     """
-    return sweep_curvature(F.curvature_grid(eig_out, eig_in), gammas)
+    return sweep_curvature(functional.curvature_grid(eig_out, eig_in), gammas)
 
 
 def sweep_curvature(curvature: Tensor, gammas: Sequence[float]) -> list[GammaPoint]:

@@ -20,9 +20,8 @@ import torch
 from task import EDITED, Split
 from torch import Tensor, nn
 
-from torch_crisp import CrispConfig, CrispProjector
-from torch_crisp import curvature as C
-from torch_crisp import functional as F
+from torch_crisp import CrispConfig, CrispProjector, functional
+from torch_crisp import curvature as curvature_models
 
 LIBRARY_METHODS: dict[str, dict[str, str]] = {
     "activations": {"curvature": "activations", "fisher": "empirical"},
@@ -68,7 +67,7 @@ class ExactSpectrum:
 
     def kept(self, gamma: float) -> Tensor:
         """Boolean mask of the eigen-directions the energy rule keeps (``|μ| < τ``)."""
-        return self.magnitude < F.threshold_from_curvature(self.magnitude, gamma)
+        return self.magnitude < functional.threshold_from_curvature(self.magnitude, gamma)
 
     def projector(self, gamma: float) -> ProjectFn:
         kept = self.vectors[:, self.kept(gamma)]
@@ -83,7 +82,8 @@ def exact_spectrum(method: str, model: nn.Module, capability: Split) -> ExactSpe
     if method == "gauss-newton":
         with torch.no_grad():
             logits = model(capability.x)
-        matrix = C.layer_gauss_newton(output_fn, weight, C.cross_entropy_output_hessians(logits), n)
+        hessians = curvature_models.cross_entropy_output_hessians(logits)
+        matrix = curvature_models.layer_gauss_newton(output_fn, weight, hessians, n)
     elif method == "hessian":
         def loss(w: Tensor) -> Tensor:
             return nn.functional.cross_entropy(output_fn(w), capability.y, reduction="sum") / n

@@ -26,8 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_
 
 from tiny_models import lm_batch, tiny_gpt2  # noqa: E402
 
-import torch_crisp.functional as F  # noqa: E402
-from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector  # noqa: E402
+from torch_crisp import (  # noqa: E402
+    CrispConfig,
+    CrispOptimizer,
+    CrispProjector,
+    functional,  # noqa: E402
+)
 from torch_crisp.distributed import shard_batches  # noqa: E402
 
 GPT2_TARGETS = ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]
@@ -86,7 +90,7 @@ class CountingEigh:
 
     def __init__(self) -> None:
         self.calls = 0
-        self.original = F.symmetric_eigh
+        self.original = functional.symmetric_eigh
 
     def __call__(self, matrix):
         self.calls += 1
@@ -100,12 +104,12 @@ def scenario_factors(rank: int, world: int, result: dict) -> None:
     model = tiny_gpt2(seed=0)
 
     counter = CountingEigh()
-    F.symmetric_eigh = counter
+    functional.symmetric_eigh = counter
     try:
         projector = CrispProjector(model, config)
         projector.collect(list(shard_batches(round1, rank, world)), progress=False)  # 3 vs 2 batches
     finally:
-        F.symmetric_eigh = counter.original
+        functional.symmetric_eigh = counter.original
     ref1 = local_projector(model, [(round1, {})], config)
     result["uneven"] = {
         "factors": compare_factors(projector, ref1),
@@ -181,7 +185,7 @@ def scenario_variants(rank: int, world: int, result: dict) -> None:
         if curvature == "ekfac":
             entry["correction"] = {
                 name: {"rel": rel(s.corrected_curvature(), ref.layers[name].corrected_curvature()),
-                       "examples": float(s.num_examples), "examples_ref": float(ref.layers[name].num_examples)}
+                       "examples": float(s.example_count), "examples_ref": float(ref.layers[name].example_count)}
                 for name, s in projector.layers.items()
             }
             # a second correction pass on the same basis must not count the first one twice
@@ -189,7 +193,7 @@ def scenario_variants(rank: int, world: int, result: dict) -> None:
             ref.correct_curvature(batches, progress=False)
             entry["correction_twice"] = {
                 name: {"rel": rel(s.corrected_curvature(), ref.layers[name].corrected_curvature()),
-                       "examples": float(s.num_examples), "examples_ref": float(ref.layers[name].num_examples)}
+                       "examples": float(s.example_count), "examples_ref": float(ref.layers[name].example_count)}
                 for name, s in projector.layers.items()
             }
         result[f"variant_{curvature}"] = entry
@@ -265,7 +269,7 @@ def scenario_fsdp2(rank: int, world: int, result: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from torch_crisp.distributed import full_tensor
+    from torch_crisp.dtensor import full_tensor
 
     def make():
         torch.manual_seed(3)

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..corpus import pad_token_id
+from ..losses import IGNORE_INDEX
 from .requests import EditRequest
 
 __all__ = [
-    "IGNORE_INDEX",
     "EncodedExample",
     "collate",
     "collate_texts",
@@ -27,8 +28,6 @@ __all__ = [
     "encode_prompt",
     "encode_target",
 ]
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -91,13 +90,6 @@ def collate(
     if lab is not None:
         batch["labels"] = lab
     return batch
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
-    return int(pad)
 
 
 def collate_texts(tokenizer: Any, texts: Sequence[str]) -> dict[str, Tensor]:

@@ -71,10 +71,16 @@ def _layer_suffixes(values: list[str]) -> list[str]:
     return [f"layers.{v}.mlp.down_proj" if v.isdigit() else v for v in values]
 
 
+def _default_targets(model: Any) -> list[str]:
+    """The two middle blocks' MLP output projections (one block for a one-block model)."""
+    n = model.config.num_hidden_layers
+    return _layer_suffixes([str(max(n // 2 - 1, 0)), str(n // 2)] if n > 1 else ["0"])
+
+
 def _projector(args: argparse.Namespace, model: Any, tokenizer: Any, targets: list[str] | None, log: Any) -> Any:
     from torch_crisp import CrispConfig, CrispProjector
-    from torch_crisp.cli import CLIError, pad_token_id
-    from torch_crisp.corpus import lm_batches, read_documents, token_windows
+    from torch_crisp.commands.common import CLIError
+    from torch_crisp.corpus import lm_batches, pad_token_id, read_documents, token_windows
 
     factors = Path(args.factors) if args.factors else None
     if factors is not None and factors.exists():
@@ -87,10 +93,10 @@ def _projector(args: argparse.Namespace, model: Any, tokenizer: Any, targets: li
         if factors is not None:
             raise CLIError(f"--factors {factors} does not exist; pass --capability-data to collect it there")
         raise CLIError("pass --factors DIR (from 'torch-crisp collect') or --capability-data FILE, or --no-crisp")
-    if targets is None:
-        n = model.config.num_hidden_layers
-        targets = _layer_suffixes([str(max(n // 2 - 1, 0)), str(n // 2)] if n > 1 else ["0"])
-    config = CrispConfig(target_modules=targets, gamma=args.gamma if args.gamma is not None else 0.99)
+    config = CrispConfig(
+        target_modules=targets if targets is not None else _default_targets(model),
+        gamma=args.gamma if args.gamma is not None else 0.99,
+    )
     documents = read_documents(args.capability_data)
     windows = list(token_windows(tokenizer, documents, seq_len=512))
     if not windows:
@@ -107,7 +113,8 @@ def run_edit(args: argparse.Namespace) -> int:
     import torch
 
     from torch_crisp import CrispOptimizer
-    from torch_crisp.cli import CLIError, load_hf_model, resolve_device
+    from torch_crisp.commands.common import CLIError, load_hf_model, resolve_device
+    from torch_crisp.layers import find_target_modules
 
     from .evaluation import evaluate_requests, locality_reference, perplexity
     from .loop import EditSettings, apply_edits, train_only
@@ -146,12 +153,7 @@ def run_edit(args: argparse.Namespace) -> int:
         report["before"]["perplexity"] = perplexity(model, tokenizer, eval_texts)
 
     if args.no_crisp:
-        if targets is None:
-            n = model.config.num_hidden_layers
-            targets = _layer_suffixes([str(max(n // 2 - 1, 0)), str(n // 2)] if n > 1 else ["0"])
-        names = [name for name, _ in model.named_modules() if any(name.endswith(t) for t in targets)]
-        if not names:
-            raise CLIError(f"--layers {targets} match no module of the model")
+        names = list(find_target_modules(model, targets if targets is not None else _default_targets(model)))
         params = train_only(model, names)
         optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=args.lr)
         report["method"] = {"name": "fine-tuning", "layers": names}
@@ -254,7 +256,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     import torch
 
-    from torch_crisp.cli import CLIError
+    from torch_crisp.commands.common import CLIError
 
     from .demo.compare import DemoSettings, format_table, run_demo
 

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from .batching import IGNORE_INDEX, collate, encode_example, encode_prompt
+from ..corpus import pad_token_id
+from ..losses import IGNORE_INDEX
+from .batching import collate, encode_example, encode_prompt
 from .requests import EditRequest
 
 __all__ = [
@@ -88,7 +90,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     stops = _stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     answers: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -130,7 +132,7 @@ def teacher_forced(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     scores: list[TokenScore] = []
     try:
         for start in range(0, len(prompts), batch_size):

@@ -1,0 +1,1 @@
+"""The ``torch-crisp`` subcommands ``collect`` and ``inspect``, and what all subcommands share."""
