@@ -16,6 +16,18 @@ Random data throughout (nothing is downloaded). Sections, each printed as ``time
 4. **projection per step** of the five layers' gradients (bf16, as a bf16 model produces them):
    the library's path with fp32 bases and TF32 off (``fp32``), with TF32 on (``tf32``), and with
    the bases cast to bf16 (``bf16``), with each one's error against a float64 reference.
+4b. **complement path** (:mod:`torch_crisp.plan`): the same step on the path ``LayerState.project``
+   takes (``projection="auto"``) and on the complement path forced, for the mask of section 3 and
+   for power-law spectra (``λ_k = k^-1.5``, ``γ = 0.9``) on the same eigenvectors, each in fp32,
+   tf32 and bf16 with its error; the floor column is the **dense** path's floor, so the ratio is
+   the saving. Also the plan (``r``, ``J(0)``, blocked fraction, FLOPs against the dense path) and
+   the bytes one layer keeps with ``basis_storage="blocked"`` (and offloaded sums) against
+   ``4·(d_in² + d_out²)``.
+4c. **low-rank step** (:mod:`torch_crisp.low_rank`): an edit step's gradient over ``T = 16`` positions,
+   ``Q = Gᵀ X`` with bf16 factors (as a bf16 model's hooks keep them) and ``Q`` rounded to bf16, projected
+   from the factors with the library's check: on the full path, on the complement path and as
+   ``LowRankStep`` chooses, for the mask of section 3 and the power law of 4b, in fp32 and tf32, each
+   with its error; the floor column is the dense path's floor again.
 5. **edit loop with cached factors**: a randomly initialised model with the LLaMA-3-8B config in
    bf16 (fewer decoder layers if the whole model does not fit, same layer shapes), five MLP
    down-projections trainable and projected by :class:`~torch_crisp.CrispOptimizer` (AdamW), the
@@ -49,7 +61,9 @@ from torch_crisp import (  # noqa: E402
     CrispOptimizer,
     CrispProjector,
     functional,  # noqa: E402
+    low_rank,
 )
+from torch_crisp.basis import Basis  # noqa: E402
 
 LLAMA3_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -203,6 +217,105 @@ def section_projection(report: Report, U_out: torch.Tensor, U_in: torch.Tensor, 
     return errors
 
 
+def _power_law_mask(d_out: int, d_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``k^-1.5`` on both sides (ascending, as eigh returns them) and their mask at γ = 0.9."""
+    eig_out = torch.arange(1, d_out + 1, dtype=torch.float32, device=device).pow(-1.5).flip(0)
+    eig_in = torch.arange(1, d_in + 1, dtype=torch.float32, device=device).pow(-1.5).flip(0)
+    return eig_out, functional.low_curvature_mask(eig_out, eig_in, 0.9)
+
+
+def section_complement(report: Report, U_out: torch.Tensor, U_in: torch.Tensor, mask: torch.Tensor,
+                       eig_out: torch.Tensor, layers: int, device: torch.device, rates: dict[str, float],
+                       rounds: int, gamma: float) -> dict[str, Any]:
+    """The dense step of section 4 on the plan's paths, for this mask and for power-law spectra."""
+    d_out, d_in = mask.shape
+    gen = torch.Generator(device=device).manual_seed(1)
+    grads = [torch.randn(d_out, d_in, device=device, generator=gen).bfloat16() for _ in range(layers)]
+    dense_flops = 4.0 * d_out * d_in * (d_out + d_in) * layers
+    cuda = device.type == "cuda"
+    eig_in = torch.ones(d_in, device=device)
+    result: dict[str, Any] = {}
+    for label, (eigenvalues, case_mask) in {f"γ={gamma:g} mask": (eig_out, mask),
+                                           "power law γ=0.9": _power_law_mask(d_out, d_in, device)}.items():
+        basis = Basis(eig_in=eig_in, U_in=U_in, eig_out=eigenvalues, U_out=U_out, mask=case_mask, tau=1.0)
+        plan = basis.plan("auto")
+        stored = basis.stored("blocked")
+        kept_bytes = sum(t.numel() * t.element_size() for t in stored.tensors().values())
+        resident = kept_bytes / (4 * (d_out**2 + d_in**2))
+        reference = functional.project(grads[0].double(), U_out.double(), U_in.double(), case_mask)
+        entry: dict[str, Any] = {"path": plan.path, "r": plan.blocked_rows, "J0": plan.max_blocked_per_row,
+                                 "blocked_fraction": plan.blocked_fraction, "flop_ratio": plan.flop_ratio,
+                                 "relative_time": plan.relative_time,
+                                 "complement_flop_ratio": plan.complement_flops / plan.full_flops,
+                                 "resident_ratio_blocked": resident, "variants": {}}
+        print(f"  complement {label}: plan {plan.path}, r={plan.blocked_rows}, J(0)={plan.max_blocked_per_row}, "
+              f"blocked {plan.blocked_fraction:.2%}, FLOPs {plan.flop_ratio:.3f} of dense; blocked storage keeps "
+              f"{resident:.3f} of 4(d_in²+d_out²)", flush=True)
+        for variant in ("fp32", "tf32", "bf16"):
+            case = basis if variant != "bf16" else Basis(eig_in=eig_in, U_in=U_in.bfloat16(), eig_out=eigenvalues,
+                                                         U_out=U_out.bfloat16(), mask=case_mask, tau=1.0)
+            for projection in ("auto", "complement"):
+                case.plan(projection)  # made once per basis, outside the timing
+                previous = torch.backends.cuda.matmul.allow_tf32 if cuda else False
+                if cuda:
+                    torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
+                try:
+                    seconds = timed(lambda c=case, p=projection: [c.project(Q, p) for Q in grads], device, rounds)
+                    error = float((case.project(grads[0], projection).double() - reference).norm() / reference.norm())
+                finally:
+                    if cuda:
+                        torch.backends.cuda.matmul.allow_tf32 = previous
+                entry["variants"][f"{projection}/{variant}"] = {"seconds": seconds, "relative_error": error}
+                report.add("complement", f"{label}: {layers} layers, {projection}, {variant}", seconds,
+                           dense_flops / rates[variant], f"rel. error {error:.1e}; floor = dense path's")
+        result[label] = entry
+    return result
+
+
+def section_low_rank(report: Report, U_out: torch.Tensor, U_in: torch.Tensor, mask: torch.Tensor,
+                     eig_out: torch.Tensor, layers: int, device: torch.device, rates: dict[str, float],
+                     rounds: int, gamma: float, tokens: int = 16) -> dict[str, Any]:
+    """The step of section 4 from the per-token factors of a ``tokens``-position gradient (``low_rank.py``)."""
+    from low_rank import low_rank_step
+
+    d_out, d_in = mask.shape
+    gen = torch.Generator(device=device).manual_seed(3)
+    factors = [(torch.randn(tokens, d_out, device=device, generator=gen).bfloat16(),
+                torch.randn(tokens, d_in, device=device, generator=gen).bfloat16()) for _ in range(layers)]
+    grads = [(G.float().mT @ X.float()).bfloat16() for G, X in factors]
+    dense_flops = 4.0 * d_out * d_in * (d_out + d_in) * layers
+    cuda = device.type == "cuda"
+    result: dict[str, Any] = {}
+    for label, (eigenvalues, case_mask) in {f"γ={gamma:g} mask": (eig_out, mask),
+                                           "power law γ=0.9": _power_law_mask(d_out, d_in, device)}.items():
+        basis = Basis(eig_in=torch.ones(d_in, device=device), U_in=U_in, eig_out=eigenvalues, U_out=U_out,
+                      mask=case_mask, tau=1.0)
+        basis.plan("auto"), basis.plan("complement")
+        budget = low_rank.token_budget(basis, "auto", device, "auto")
+        reference = functional.project(grads[0].double(), U_out.double(), U_in.double(), case_mask)
+        entry: dict[str, Any] = {"tokens": tokens, "token_budget": budget, "variants": {}}
+        for variant in ("fp32", "tf32"):
+            for path in ("full", "complement", "auto"):
+                previous = torch.backends.cuda.matmul.allow_tf32 if cuda else False
+                if cuda:
+                    torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
+                try:
+                    seconds = timed(lambda p=path, b=basis, n=budget: [low_rank_step(b, G, X, Q, p, n)
+                                                                       for (G, X), Q in zip(factors, grads)],
+                                    device, rounds)
+                    G, X = factors[0]
+                    P = low_rank_step(basis, G, X, grads[0], path, budget).double()
+                finally:
+                    if cuda:
+                        torch.backends.cuda.matmul.allow_tf32 = previous
+                error = float((P - reference).norm() / max(reference.norm(), 0.1 * grads[0].double().norm()))
+                entry["variants"][f"{path}/{variant}"] = {"seconds": seconds, "relative_error": error}
+                report.add("low-rank", f"{label}: {layers} layers, T={tokens}, {path}, {variant}", seconds,
+                           dense_flops / rates[variant], f"rel. error {error:.1e}; floor = dense path's")
+        result[label] = entry
+    return result
+
+
 def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -327,11 +440,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     section_factors(report, d_out, d_in, args.layers, tokens, device, rates, rounds)
     basis_parts = section_eigh(report, d_out, d_in, device, rates, args.gamma)
     errors = section_projection(report, *basis_parts[:3], args.layers, device, rates, rounds)
+    complement = section_complement(report, *basis_parts, args.layers, device, rates, rounds, args.gamma)
+    low_rank_step = section_low_rank(report, *basis_parts, args.layers, device, rates, rounds, args.gamma)
     loop = None if args.skip_loop else section_edit_loop(report, args, device, basis_parts)
     total = time.perf_counter() - started
     print(f"total {total:.1f} s")
     result = {"device": str(device), "shape": {"d_out": d_out, "d_in": d_in}, "layers": args.layers,
-              "rates": rates, "rows": report.rows, "projection_errors": errors, "edit_loop": loop,
+              "rates": rates, "rows": report.rows, "projection_errors": errors, "complement": complement,
+              "low_rank": low_rank_step, "edit_loop": loop,
               "total_s": total, "smoke": smoke}
     write_result("gpu_llm_layers_smoke" if smoke else "gpu_llm_layers", result, args.out)
     return result

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -92,10 +93,27 @@ def layer_matrices(projector: CrispProjector) -> dict[str, torch.Tensor]:
             for name, s in projector.layers.items()}
 
 
+def checkpoint_folder(accelerator: Accelerator, requested: Path | None) -> tuple[Path, Path | None]:
+    """The folder every process saves to and loads from, and the scratch folder to delete after.
+
+    Without ``--checkpoint-dir``, the main process creates a temporary folder and broadcasts its
+    path; only the main process deletes it, after every process has loaded from it (a temporary
+    folder per process, deleted when each left it, let the main one delete the checkpoint while
+    another was still loading it). On several machines, pass a ``--checkpoint-dir`` they share.
+    """
+    if requested is not None:
+        return requested, None
+    scratch = tempfile.mkdtemp(prefix="crisp_ckpt_") if accelerator.is_main_process else ""
+    scratch = broadcast_object_list([scratch])[0]  # every process uses the main one's folder
+    return Path(scratch) / "checkpoint", Path(scratch) if accelerator.is_main_process else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, help="write the results as JSON here (main process)")
-    parser.add_argument("--checkpoint-dir", type=Path, help="where save_state writes (default: a temp dir)")
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        help="where save_state writes (default: a temporary folder of the main process, deleted "
+                             "after every process loaded it; on several machines pass a shared folder)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4, help="global edit batch size")
     parser.add_argument("--gamma", type=float, default=0.99)
@@ -142,13 +160,16 @@ def main() -> None:
     # 3. the projector survives save_state / load_state with bit-identical bases.
     bases = {n: (s.basis.U_in.clone(), s.basis.U_out.clone(), s.basis.mask.clone())
              for n, s in projector.layers.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint_dir or Path(tmp) / "checkpoint"
-        checkpoint = Path(broadcast_object_list([str(checkpoint)])[0])  # every process uses the main one's
+    checkpoint, scratch = checkpoint_folder(accelerator, args.checkpoint_dir)
+    try:
         accelerator.save_state(str(checkpoint))
         accelerator.wait_for_everyone()
         projector.reset()
         accelerator.load_state(str(checkpoint))
+        accelerator.wait_for_everyone()  # nobody deletes the checkpoint while another process still reads it
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     restored = all(
         torch.equal(s.basis.U_in, bases[n][0]) and torch.equal(s.basis.U_out, bases[n][1])
         and torch.equal(s.basis.mask, bases[n][2])
@@ -166,6 +187,7 @@ def main() -> None:
         "eigendecomposition_owners": projector.eigendecomposition_owners,
         "change_norm": {n: float((after[n] - before[n]).norm()) for n in after},
         "state_restored": restored,
+        "checkpoint_dir": str(checkpoint),
     }
     # every process reports its parameter checksum; replicas must agree bit for bit
     checksum = sum(float(p.detach().double().sum()) * (i + 1) for i, p in enumerate(model.parameters()))

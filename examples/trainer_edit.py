@@ -3,15 +3,17 @@
 What a user adds to an existing script is marked ``# torch_crisp``: build a projector on the model,
 collect the curvature of a capability corpus, and pass ``callbacks=[CrispCallback(projector)]``.
 
-Everything here is synthetic and tiny so that it runs on a CPU in well under a minute without
-downloading anything: a small Llama-architecture model (built from a config) first learns a
-*capability* — continuing arithmetic sequences ``a, a+d, a+2d, …`` (mod the vocabulary) — and is
-then fine-tuned on a handful of unrelated *edit* sequences. The script reports the capability
-loss before and after the edit for the protected run and for the same fine-tune without the
-callback, and checks that the total weight change of every projected layer lies in its kept
-subspace.
+Everything here is synthetic and tiny so that it runs on a CPU without downloading anything: a
+small Llama-architecture model (built from a config) first learns a *capability* — continuing
+arithmetic sequences ``a, a+d, a+2d, …`` (mod the vocabulary) — and is then fine-tuned on a handful
+of unrelated *edit* sequences with the Trainer's default optimizer (AdamW). Every fine-tune runs
+until the edit is learnt (training loss below ``--target-loss``), so the rows compare the damage
+at equal edit success: plain fine-tuning, CrispCallback with the energy threshold ``γ``, and
+CrispCallback with a capability budget ``ε`` in nats instead of ``γ``. For each it reports the
+held-out capability loss, the steps taken, the predicted capability increase ``L̂`` and the leak of
+the weight change into blocked directions.
 
-    python examples/trainer_edit.py                 # full demo (about 30 s on 2 CPU cores)
+    python examples/trainer_edit.py                 # about a minute on 2 CPU cores
     python examples/trainer_edit.py --quick         # smoke run used by the tests
 """
 
@@ -20,12 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+import warnings
 
 import torch
 from torch_crisp.integrations.hf_trainer import CrispCallback  # torch_crisp
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from torch_crisp import CrispConfig, CrispProjector  # torch_crisp
+from torch_crisp.monitor import mean_token_loss
 
 VOCAB, SEQ = 48, 12
 
@@ -62,19 +66,30 @@ def batches(ids: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]
     ]
 
 
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
-    model.eval()
-    losses = [model(**b).loss.item() for b in batches(ids, 32)]
-    return sum(losses) / len(losses)
+class StopWhenLearnt(TrainerCallback):
+    """Stop once the logged training loss is below ``target`` (equal edit success for every run)."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and logs.get("loss", float("inf")) < self.target:
+            control.should_training_stop = True
 
 
-def training_args(output_dir: str, steps: int, lr: float, batch_size: int, optim: str) -> TrainingArguments:
+def training_args(output_dir: str, steps: int, lr: float, batch_size: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=output_dir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
-        optim=optim, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=max(steps // 4, 1),
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=0,
     )
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    """A Trainer that logs every step (for StopWhenLearnt) without printing every step."""
+    trainer = Trainer(**kwargs)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def pretrain(steps: int, output_dir: str) -> LlamaForCausalLM:
@@ -85,64 +100,91 @@ def pretrain(steps: int, output_dir: str) -> LlamaForCausalLM:
     )
     model = LlamaForCausalLM(config)
     data = LMExamples(arithmetic_sequences(2048, seed=0))
-    Trainer(model=model, args=training_args(output_dir, steps, 3e-3, 32, "adamw_torch"), train_dataset=data).train()
+    quiet_trainer(model=model, args=training_args(output_dir, steps, 3e-3, 32), train_dataset=data).train()
     return model
 
 
-def fine_tune(model, edit: torch.Tensor, steps: int, output_dir: str, callbacks=()) -> None:
-    """The user's unchanged fine-tuning script: only ``callbacks`` differs between the two runs."""
+def fine_tune(model, edit: torch.Tensor, args: argparse.Namespace, output_dir: str, callbacks=()) -> int:
+    """The user's unchanged fine-tuning script (Trainer defaults: AdamW); only ``callbacks`` differ."""
     for name, p in model.named_parameters():  # fine-tune the MLP output projections only
         p.requires_grad_("mlp.down_proj" in name)
-    args = training_args(output_dir, steps, 0.5, len(edit), "sgd")
-    Trainer(model=model, args=args, train_dataset=LMExamples(edit), callbacks=list(callbacks)).train()
+    stop = StopWhenLearnt(args.target_loss)
+    training = training_args(output_dir, args.max_steps, args.lr, len(edit))
+    trainer = quiet_trainer(model=model, args=training, train_dataset=LMExamples(edit), callbacks=[stop, *callbacks])
+    trainer.train()
+    return trainer.state.global_step
+
+
+def protected(base, edit, capability_batches, args, out, config: CrispConfig) -> tuple[dict, CrispCallback]:
+    model = copy.deepcopy(base)                                                      # torch_crisp
+    projector = CrispProjector(model, config)                                        # torch_crisp
+    projector.collect(capability_batches, progress=False)                            # torch_crisp
+    callback = CrispCallback(projector, mode="update")                               # torch_crisp
+    before = {n: s.geometry.weight.detach().clone() for n, s in projector.layers.items()}
+    steps = fine_tune(model, edit, args, out, callbacks=[callback])
+    leaks = []
+    for name, state in projector.layers.items():
+        delta = state.geometry.weight.detach() - before[name]
+        leaks.append(float((delta - projector.project(name, delta)).norm() / delta.norm().clamp_min(1e-30)))
+    row = {"model": model, "steps": steps, "max_relative_leak": max(leaks),
+           "predicted_increase": projector.predicted_capability_increase, "budget_mu": projector.budget_mu}
+    return row, callback
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
     parser.add_argument("--gamma", type=float, default=0.99, help="curvature energy to block")
-    parser.add_argument("--mode", choices=["grad", "update"], default="grad")
+    parser.add_argument("--budget", type=float, default=0.002, help="capability budget in nats (the third row)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate of the fine-tune")
+    parser.add_argument("--target-loss", type=float, default=0.05, help="train until the edit loss is below this")
+    parser.add_argument("--max-steps", type=int, default=600, help="give up after this many steps")
     parser.add_argument("--output-dir", default=None, help="Trainer output folder (default: a temp dir)")
     args = parser.parse_args(argv)
     # --quick only shrinks the run so the tests can execute the script in a few seconds
-    pretrain_steps, edit_steps, n_eval, n_collect = (8, 3, 64, 128) if args.quick else (400, 60, 256, 512)
+    pretrain_steps, n_eval, n_collect = (8, 64, 128) if args.quick else (400, 256, 512)
+    if args.quick:
+        args.max_steps = 4
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="transformers.*")
         out = args.output_dir or tmp
         base = pretrain(pretrain_steps, out)
-        capability = arithmetic_sequences(n_eval, seed=1)  # held-out capability data
+        capability = batches(arithmetic_sequences(n_eval, seed=1), 32)  # held-out capability data
         edit = edit_sequences(8, seed=2)
-        results = {"capability_loss_before": mean_loss(base, capability), "edit_loss_before": mean_loss(base, edit)}
+        collect_on = batches(arithmetic_sequences(n_collect, seed=3), 32)
+        base_capability = mean_token_loss(base, capability)
+        results: dict[str, float] = {"capability_loss_before": base_capability,
+                                     "edit_loss_before": mean_token_loss(base, batches(edit, 8))}
 
-        # plain fine-tune, for comparison
         plain = copy.deepcopy(base)
-        fine_tune(plain, edit, edit_steps, out)
-        results["plain_capability_loss"] = mean_loss(plain, capability)
-        results["plain_edit_loss"] = mean_loss(plain, edit)
+        results["plain_steps"] = fine_tune(plain, edit, args, out)
+        results["plain_capability_loss"] = mean_token_loss(plain, capability)
+        results["plain_edit_loss"] = mean_token_loss(plain, batches(edit, 8))
 
-        # the same fine-tune, protected                                                  # torch_crisp
-        model = copy.deepcopy(base)
-        projector = CrispProjector(model, CrispConfig(target_modules=["mlp.down_proj"], gamma=args.gamma))
-        projector.collect(batches(arithmetic_sequences(n_collect, seed=3), 32), progress=False)
-        before = {n: s.geometry.weight.detach().clone() for n, s in projector.layers.items()}
-        callback = CrispCallback(projector, mode=args.mode)
-        fine_tune(model, edit, edit_steps, out, callbacks=[callback])
-        results["crisp_capability_loss"] = mean_loss(model, capability)
-        results["crisp_edit_loss"] = mean_loss(model, edit)
+        rows = {
+            "crisp": CrispConfig(target_modules=["mlp.down_proj"], gamma=args.gamma),
+            "budget": CrispConfig(target_modules=["mlp.down_proj"], gamma=None, capability_budget=args.budget),
+        }
+        for label, config in rows.items():
+            row, callback = protected(base, edit, collect_on, args, out, config)
+            results[f"{label}_steps"] = row["steps"]
+            results[f"{label}_capability_loss"] = mean_token_loss(row["model"], capability)
+            results[f"{label}_edit_loss"] = mean_token_loss(row["model"], batches(edit, 8))
+            results[f"{label}_max_relative_leak"] = row["max_relative_leak"]
+            results[f"{label}_predicted_increase"] = row["predicted_increase"]
+            results[f"{label}_budget_mu"] = row["budget_mu"]
+            fractions = [f for _, f in callback.removed_fractions]
+            results[f"{label}_mean_removed_fraction"] = sum(fractions) / max(len(fractions), 1)
 
-    leaks = []
-    for name, state in projector.layers.items():
-        delta = state.geometry.weight.detach() - before[name]
-        leaks.append(float((delta - projector.project(name, delta)).norm() / delta.norm().clamp_min(1e-30)))
-    results["max_relative_leak"] = max(leaks)
-    results["mean_removed_fraction"] = sum(f for _, f in callback.removed_fractions) / len(callback.removed_fractions)
-
-    print("capability loss: before {capability_loss_before:.3f} | plain fine-tune {plain_capability_loss:.3f} | "
-          "with CrispCallback {crisp_capability_loss:.3f}".format(**results))
-    print("edit loss:       before {edit_loss_before:.3f} | plain fine-tune {plain_edit_loss:.3f} | "
-          "with CrispCallback {crisp_edit_loss:.3f}".format(**results))
-    print(f"relative leak of the weight change into blocked directions: {results['max_relative_leak']:.2e}; "
-          f"mean fraction of gradient removed per step: {results['mean_removed_fraction']:.3f}")
+    print(f"{'':22} {'capability loss':>16} {'edit loss':>10} {'steps':>6} {'predicted L̂':>12} {'leak':>9}")
+    print(f"{'before':22} {results['capability_loss_before']:>16.3f} {results['edit_loss_before']:>10.3f}")
+    print(f"{'plain fine-tune':22} {results['plain_capability_loss']:>16.3f} {results['plain_edit_loss']:>10.3f} "
+          f"{results['plain_steps']:>6}")
+    for label, title in (("crisp", f"CrispCallback γ={args.gamma}"), ("budget", f"CrispCallback ε={args.budget}")):
+        print(f"{title:22} {results[f'{label}_capability_loss']:>16.3f} {results[f'{label}_edit_loss']:>10.3f} "
+              f"{results[f'{label}_steps']:>6} {results[f'{label}_predicted_increase']:>12.4f} "
+              f"{results[f'{label}_max_relative_leak']:>9.1e}")
     return results
 
 

@@ -384,7 +384,7 @@ def test_every_variant_drives_the_optimizer(fisher, curvature):
     kwargs = {"logits_fn": _logits} if fisher == "mc" else {"loss_fn": _sum_ce}
     projector.collect(data, progress=False, **kwargs)
     assert projector.layers["0"].basis.curvature == curvature
-    optimizer = CrispOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), projector)
+    optimizer = CrispOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), projector, mode="grad")
     before = _as_matrix(model[0])
     _sum_ce(model, data[0]).backward()
     expected = projector.project("0", torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], dim=1))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_accelerator import FakeAccelerator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -204,6 +205,74 @@ def test_fsdp2_collect_on_sharded_model(ranks):
     assert_factors_match(entry["factors_vs_ref"])
 
 
+def test_fsdp2_uneven_batches_do_not_deadlock_and_count_once(ranks):
+    # 3 batches on 2 ranks: rank 1 runs one zero-weight pass so every forward has a partner
+    for rank, padding in ((0, 0), (1, 1)):
+        entry = ranks[rank]["fsdp2_uneven_collect"]
+        assert "error" not in entry, entry.get("traceback")
+        assert entry["padding_passes"] == padding
+    assert_factors_match(ranks[0]["fsdp2_uneven_collect"]["factors_vs_ref"])
+
+
+def test_capability_budget_finds_the_same_mu_on_every_rank(ranks):
+    first, second = ranks[0]["budget"], ranks[1]["budget"]
+    assert first["mu"] == second["mu"] and first["params"] == second["params"]
+    assert any(mu > 0 for mu in first["mu"]), "the budget never bound"
+    assert all(p <= 1e-5 * (1 + 1e-6) for p in first["predicted"])
+
+
+# ----------------------------------------------------------------------------- sharded bases, low-rank step
+def _placement(ranks) -> tuple[dict, dict]:
+    first, second = ranks[0]["placement"], ranks[1]["placement"]
+    assert "error" not in first and "error" not in second, first.get("traceback") or second.get("traceback")
+    return first, second
+
+
+@pytest.mark.parametrize("run", ["grad_off", "grad_always", "update_off"])
+def test_sharded_bases_train_bit_identically_to_replicated_ones(ranks, run):
+    first, second = _placement(ranks)
+    sharded, replicated = first[f"{run}_sharded"], first[f"{run}_replicated"]
+    assert sharded["params"] == second[f"{run}_sharded"]["params"], "replicas drifted apart"
+    assert sharded["params"] == replicated["params"], "sharding changed the result"
+    assert sharded["sharded"] and not replicated["sharded"]
+    # each rank keeps only the bases it computed (the others as numbers), and the kept fractions agree
+    remote = [set(first[f"{run}_sharded"]["remote"]), set(second[f"{run}_sharded"]["remote"])]
+    assert remote[0] and remote[1] and not remote[0] & remote[1]
+    assert remote[0] | remote[1] == set(sharded["kept"])
+    assert sharded["held_bytes"] < replicated["held_bytes"]
+    assert sharded["kept"] == replicated["kept"]
+    # MEM-OPT's price: every projected matrix is broadcast once per step; replicated bases send nothing
+    assert sharded["broadcast_bytes"] == [sharded["matrix_bytes"]] * 3
+    assert replicated["broadcast_bytes"] == [0, 0, 0]
+
+
+def test_low_rank_step_under_ddp_equals_the_dense_path(ranks):
+    first, second = _placement(ranks)
+    layers = set(first["grad_always_replicated"]["kept"])
+    # replicated: every rank projects every layer from the all-gathered factors; sharded: each owner its own
+    assert all(set(step) == layers for step in first["grad_always_replicated"]["low_rank"])
+    for step in range(3):
+        mine = [set(ranks[r]["placement"]["grad_always_sharded"]["low_rank"][step]) for r in range(2)]
+        assert mine[0] | mine[1] == layers and not mine[0] & mine[1]
+    assert all(step == [] for step in first["grad_off_replicated"]["low_rank"])
+    for placement in ("replicated", "sharded"):
+        assert first[f"low_rank_vs_dense_{placement}"] < 1e-5  # P([∂W|∂b]) of the same step, per layer
+
+
+def test_sharded_bases_refuse_what_needs_them_everywhere_and_load_sharded(ranks):
+    first, _ = _placement(ranks)
+    refusals = first["refusals"]
+    for what in ("save_with_basis", "state_dict_with_basis", "remote_U_in"):
+        assert "basis_placement='replicated'" in refusals[what], (what, refusals[what])
+    assert "update_basis()" in refusals["set_gamma"]
+    assert refusals["state_dict_without_basis"] == 4  # the sums save as usual
+    assert first["auto"] == {"cpu": False, "short_memory": True}
+    loaded = first["loaded"]
+    for key in ("sums", "bases"):  # recomputed by the owners (a collective), or loaded and then sharded
+        assert loaded[key]["sharded"] and loaded[key]["remote"]
+        assert loaded[key]["kept"] == pytest.approx(loaded["kept_trained"], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- pure helpers
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0.0, 1e9), max_size=40), st.integers(1, 8))
@@ -282,24 +351,53 @@ def test_deepspeed_parameters_are_refused_with_the_alternative():
 
 # ----------------------------------------------------------------------------- Accelerate
 EXAMPLE = REPO / "examples" / "accelerate_edit.py"
+DOCUMENTED_RUNS = 3
 
 
-def run_example(tmp_path: Path, processes: int) -> dict:
-    out = tmp_path / f"example_{processes}.json"
-    if processes == 1:
-        command = [sys.executable, str(EXAMPLE)]
-    else:
-        accelerate_cli = [sys.executable, "-m", "accelerate.commands.launch"]
-        command = [*accelerate_cli, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                   str(EXAMPLE)]
-    command += ["--output", str(out), "--checkpoint-dir", str(tmp_path / f"ckpt_{processes}"), "--steps", "6"]
-    run_until_outputs(command, [out], tmp_path / f"log_{processes}.txt")
+def run_example(tmp_path: Path, name: str, command: list[str]) -> dict:
+    """Run the example with ``command`` (plus ``--output``) and return the main process's JSON."""
+    out = tmp_path / f"{name}.json"
+    run_until_outputs([*command, "--output", str(out)], [out], tmp_path / f"log_{name}.txt")
     return json.loads(out.read_text())
 
 
-def test_accelerate_example_two_processes_match_one(tmp_path):
-    one, two = run_example(tmp_path, 1), run_example(tmp_path, 2)
+@pytest.fixture(scope="module")
+def documented_runs(tmp_path_factory) -> list[dict]:
+    """The README's command, ``accelerate launch --multi_gpu --num_processes 2 examples/accelerate_edit.py``,
+    run three times in a row with its default (temporary) checkpoint folder.
+
+    Only a free ``--main_process_port`` is added (the default port may be taken by another run on
+    the machine), and ``--output`` to read the result. Rank 0 used to delete its temporary folder
+    while rank 1 was still loading the checkpoint from it (3 failures in 6 runs on a busy machine).
+    """
+    tmp_path = tmp_path_factory.mktemp("accelerate_documented")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return [
+        run_example(tmp_path, f"documented_{i}", [*launch, "--main_process_port", str(free_port()),
+                                                  "examples/accelerate_edit.py", "--steps", "6"])
+        for i in range(DOCUMENTED_RUNS)
+    ]
+
+
+def test_accelerate_example_documented_command_default_checkpoint(documented_runs):
+    import tempfile
+
+    assert len(documented_runs) == DOCUMENTED_RUNS
+    for result in documented_runs:
+        assert result["num_processes"] == 2 and result["state_restored"] is True
+        checkpoint = Path(result["checkpoint_dir"])
+        # one temporary folder of the main process, shared by both ranks and removed after both loaded it
+        assert checkpoint.parent.parent == Path(tempfile.gettempdir()), checkpoint
+        assert not checkpoint.parent.exists(), f"{checkpoint.parent} was left behind"
+        assert len(set(result["param_checksums"])) == 1, "DDP replicas differ"
+    assert len({r["checkpoint_dir"] for r in documented_runs}) == DOCUMENTED_RUNS
+
+
+def test_accelerate_example_two_processes_match_one(tmp_path, documented_runs):
+    one = run_example(tmp_path, "one", [sys.executable, str(EXAMPLE), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                                        "--steps", "6"])
+    two = documented_runs[0]
+    assert one["checkpoint_dir"] == str(tmp_path / "ckpt") and (tmp_path / "ckpt").is_dir()  # given: kept
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     assert sorted(set(two["eigendecomposition_owners"].values())) == [0, 1]
     assert two["num_tokens"] == one["num_tokens"], "capability shards overlap or miss data"
@@ -316,20 +414,10 @@ def test_accelerate_example_two_processes_match_one(tmp_path):
     assert two["param_checksums"][0] == pytest.approx(one["param_checksums"][0], rel=1e-6)
 
 
-class FakeAccelerator:
-    def __init__(self, kind: str, fsdp_version: int | None = None) -> None:
-        from accelerate.utils import DistributedType
-
-        self.distributed_type = DistributedType[kind]
-        self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"fsdp_version": fsdp_version})()})()
-        self.registered: list = []
-
-    def register_for_checkpointing(self, *objects) -> None:
-        self.registered.extend(objects)
-
-
-def test_accelerate_refuses_deepspeed_and_fsdp1_naming_alternatives():
+def test_accelerate_refuses_deepspeed_and_fsdp1_naming_alternatives(tmp_path):
     from torch_crisp.integrations import accelerate as crisp_accelerate
+
+    from torch_crisp.persistence import read_folder
 
     _, projector = _tiny_projector()
     with pytest.raises(RuntimeError, match="DeepSpeed.*--multi_gpu"):
@@ -337,9 +425,10 @@ def test_accelerate_refuses_deepspeed_and_fsdp1_naming_alternatives():
     with pytest.raises(RuntimeError, match="fsdp_version: 2"):
         crisp_accelerate.collect(FakeAccelerator("FSDP", fsdp_version=1), projector, [])
     accelerator = FakeAccelerator("FSDP", fsdp_version=2)
-    registered = crisp_accelerate.register(accelerator, projector)
-    assert accelerator.registered == [registered]
-    state = registered.state_dict()
+    crisp_accelerate.register(accelerator, projector)
+    assert len(accelerator.save_hooks) == len(accelerator.load_hooks) == 1
+    next(iter(accelerator.save_hooks.values()))([], [], str(tmp_path))  # what save_state calls
+    state, _ = read_folder(tmp_path / "crisp_projector")
     assert all(entry["basis"] is not None for entry in state["layers"].values())  # bases travel too
     with pytest.raises(TypeError, match="CrispProjector"):
         crisp_accelerate.register(FakeAccelerator("MULTI_GPU"), object())

@@ -113,12 +113,15 @@ def test_gradient_accumulation_projects_once_per_optimizer_step(tmp_path, monkey
     projector = collected(model)
     calls = []
     original = projector.project_
-    monkeypatch.setattr(projector, "project_", lambda: calls.append(1) or original())
+    monkeypatch.setattr(projector, "project_", lambda **kwargs: calls.append(1) or original(**kwargs))
     before = weights(projector)
-    callback = CrispCallback(projector)
-    train(model, args_for(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3), [callback])
+    callback = CrispCallback(projector, mode="grad", low_rank="always")
+    train(model, args_for(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2), [callback])
     assert len(calls) == 4 and len(callback.removed_fractions) == 4
     assert relative_leak(projector, before, weights(projector)) < 1e-5
+    # the two micro-batches' factors (20 tokens) reproduced each step's gradient: projected from them
+    assert set(projector.last_projection.low_rank) == set(projector.layers)
+    assert all(not s.geometry.module._forward_hooks for s in projector.layers.values())  # removed at train end
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])  # CPU autocast (fp16 runs without a grad scaler here)
@@ -140,11 +143,11 @@ def test_crisp_optimizer_door_with_logging_callback(tmp_path):
     projector = collected(model)
     before = weights(projector)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = CrispOptimizer(torch.optim.SGD(trainable, lr=0.5), projector)
-    callback = CrispCallback(projector)  # sees the CrispOptimizer: logs, does not project twice
+    optimizer = CrispOptimizer(torch.optim.SGD(trainable, lr=0.5), projector, mode="grad")
+    callback = CrispCallback(projector, mode="grad")  # sees the CrispOptimizer: logs, does not project twice
     calls = []
     original = projector.project_
-    projector.project_ = lambda: calls.append(1) or original()  # type: ignore[method-assign]
+    projector.project_ = lambda **kwargs: calls.append(1) or original(**kwargs)  # type: ignore[method-assign]
     trainer = train(model, args_for(tmp_path), [callback], optimizers=(optimizer, None))
     assert len(calls) == 4  # once per step, by the optimizer only
     assert relative_leak(projector, before, weights(projector)) < 1e-5
@@ -318,7 +321,9 @@ def test_example_script_runs_quick(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = module.main(["--quick"])
-    assert results["max_relative_leak"] < 1e-5
-    assert results["crisp_edit_loss"] < results["edit_loss_before"]  # the edit still lands
-    assert 0.0 < results["mean_removed_fraction"] < 1.0
+    for row in ("crisp", "budget"):
+        assert results[f"{row}_max_relative_leak"] < 1e-5
+        assert results[f"{row}_edit_loss"] < results["edit_loss_before"]  # the edit still lands
+        assert results[f"{row}_predicted_increase"] > 0
+    assert 0.0 < results["crisp_mean_removed_fraction"] < 1.0
     assert "capability loss" in capsys.readouterr().out

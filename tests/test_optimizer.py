@@ -121,7 +121,10 @@ def test_state_dict_round_trips_through_weights_only_load():
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    assert loaded["crisp"] == {"mode": "update"}
+    assert loaded["crisp"]["mode"] == "update"
+    # the anchor W₀ (the weights before the first step) travels with the optimizer state
+    for name, anchor in loaded["crisp"]["constraint"]["anchor"].items():
+        assert not torch.equal(anchor[0], projector.layers[name].geometry.weight.detach())
 
     # continuing from the loaded state gives the same weights as continuing the original
     twin_model = tiny_llama()  # same seed: same initial weights, hence the same factors

@@ -346,3 +346,237 @@ def test_factors_collected_on_the_plain_model_load_into_its_peft_wrapper(tmp_pat
     twin = CrispProjector(peft_model, CrispConfig(target_modules=["mlp.down_proj"]))
     twin.load_state_dict(projector.state_dict())  # the state dict path aligns names too
     assert_same_projections(loaded, twin)
+
+
+# ------------------------------------------------------------------ untrusted folders
+def _rewrite_manifest(folder, **changes):
+    path = folder / persistence.CONFIG_NAME
+    manifest = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        target = manifest
+        for parent in parents:
+            target = target[parent]
+        if value is _DELETE:
+            del target[key]
+        else:
+            target[key] = value
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+_DELETE = object()
+C_PROJ = "transformer.h.1.mlp.c_proj"
+
+
+def test_a_regex_in_a_loaded_manifest_is_never_matched(collected, tmp_path):
+    """``"(.*)*x"`` backtracks exponentially on every module name: loading must not run it."""
+    import signal
+
+    model, projector = collected
+    projector.save_pretrained(tmp_path / "p")
+    _rewrite_manifest(tmp_path / "p", config__target_modules="(.*)*x")
+
+    def expire(*_):
+        raise TimeoutError("from_pretrained matched the saved regular expression")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(3)
+    try:
+        loaded = CrispProjector.from_pretrained(tmp_path / "p", model)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert loaded.config.target_modules == "(.*)*x"  # the saved spec is still reported
+    assert_same_projections(projector, loaded)
+
+
+def test_loading_config_builds_from_the_saved_layer_names():
+    sd = {"format": serialization.FORMAT_NAME, "format_version": 1,
+          "config": {**CrispConfig().to_dict(), "target_modules": "(.*)*x"}, "layers": {"a.b": {}, "c": {}}}
+    assert serialization.loading_config(sd, "here").target_modules == ["a.b", "c"]
+    sd["config"]["target_modules"] = ["mlp.c_proj"]  # a suffix list compiles nothing: kept as saved
+    assert serialization.loading_config(sd, "here").target_modules == ["mlp.c_proj"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (f"layers__{C_PROJ}__num_tokens", -1, "num_tokens"),
+        (f"layers__{C_PROJ}__num_tokens", 1e300, "num_tokens"),
+        (f"layers__{C_PROJ}__num_tokens", "Infinity", "non-standard constant Infinity"),  # made bare below
+        (f"layers__{C_PROJ}__num_tokens", "1e400", "num_tokens"),  # made bare below: a float that overflows
+        (f"layers__{C_PROJ}__num_tokens", True, "num_tokens"),
+        ("format_version", -7, "format_version"),
+        ("format_version", True, "format_version"),
+        ("format_version", 3, "upgrade torch_crisp"),
+        ("config__gamma", _DELETE, "lacks the fields"),
+        (f"layers__{C_PROJ}__fingerprint__d_out", "32", "d_out"),
+        ("tensors_sha256", "0" * 64, "SHA-256"),
+    ],
+)
+def test_manifest_values_that_would_weaken_the_projection_are_refused(collected, tmp_path, field, value, message):
+    model, projector = collected
+    folder = projector.save_pretrained(tmp_path / "p")
+    _rewrite_manifest(folder, **{field: value})
+    if value in ("Infinity", "1e400"):  # JSON has no infinity; Python's json module would accept both
+        path = folder / persistence.CONFIG_NAME
+        path.write_text(path.read_text().replace(f'"{value}"', value))
+    with pytest.raises(ValueError, match=message) as info:
+        CrispProjector.from_pretrained(folder, model)
+    assert str(folder) in str(info.value)  # the file is named
+
+
+def test_flipped_bytes_in_the_tensors_are_detected(collected, tmp_path):
+    model, projector = collected
+    folder = projector.save_pretrained(tmp_path / "p")
+    tensors = next(folder.glob("crisp_tensors-*"))
+    content = bytearray(tensors.read_bytes())
+    content[-3] ^= 0x01  # a low mantissa bit of the last float: finite garbage, loaded silently before
+    tensors.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=f"{tensors.name} does not match the SHA-256"):
+        CrispProjector.from_pretrained(folder, model)
+
+
+def test_version_1_folders_without_checksum_still_load_and_are_validated(collected, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, projector = collected
+    folder = projector.save_pretrained(tmp_path / "p")
+    # what version 1 wrote: no checksum, and only the config fields of that time (later ones default)
+    config = json.loads((folder / persistence.CONFIG_NAME).read_text())["config"]
+    version_1_fields = ("target_modules", "gamma", "fisher", "curvature", "factor_dtype")
+    manifest = _rewrite_manifest(folder, format_version=1, tensors_sha256=_DELETE,
+                                 **{f"config__{key}": _DELETE for key in config if key not in version_1_fields})
+    assert_same_projections(projector, CrispProjector.from_pretrained(folder, model))
+
+    tensors = folder / manifest["tensors_file"]  # no checksum: the values themselves are checked
+    content = load_file(str(tensors))
+    content[f"{C_PROJ}.S_sum"][0, 0] = float("nan")
+    save_file(content, str(tensors), metadata={"format": serialization.FORMAT_NAME, "save_id": manifest["save_id"]})
+    with pytest.raises(ValueError, match=rf"{tensors.name}.*{C_PROJ}.*S_sum contains NaN"):
+        CrispProjector.from_pretrained(folder, model)
+
+
+def test_truncated_tensors_are_a_value_error_naming_the_file(collected, tmp_path):
+    model, projector = collected
+    folder = projector.save_pretrained(tmp_path / "p")
+    manifest = _rewrite_manifest(folder, format_version=1, tensors_sha256=_DELETE)  # reach safetensors itself
+    tensors = folder / manifest["tensors_file"]
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{tensors.name} is not a readable safetensors file"):
+        persistence.read_folder(folder)
+
+
+@pytest.mark.parametrize("fault", ["nan_sum", "negative_tokens", "infinite_tokens", "wrong_shape"])
+def test_save_refuses_a_state_that_would_not_load_before_touching_the_folder(collected, tmp_path, fault):
+    model, projector = collected
+    folder = projector.save_pretrained(tmp_path / "p")
+    files_before = sorted(p.name for p in folder.iterdir())
+    sd = projector.state_dict()
+    entry = sd["layers"][C_PROJ] = dict(sd["layers"][C_PROJ])
+    if fault == "nan_sum":
+        entry["A_sum"] = entry["A_sum"].clone().fill_(float("nan"))
+    elif fault == "wrong_shape":
+        entry["S_sum"] = entry["S_sum"][:-1]
+    else:
+        entry["num_tokens"] = -5 if fault == "negative_tokens" else float("inf")
+    with pytest.raises(ValueError, match=C_PROJ):
+        persistence.save_pretrained(sd, folder)
+    assert sorted(p.name for p in folder.iterdir()) == files_before
+    assert_same_projections(projector, CrispProjector.from_pretrained(folder, model))
+
+
+# ------------------------------------------------------------------ what a save may delete
+def test_saving_deletes_only_what_the_previous_manifest_names(collected, tmp_path):
+    _, projector = collected
+    mine = ["crisp_tensors-mine.safetensors", "crisp_tensors-0123.safetensors", "crisp_config.json.backup.tmp",
+            "crisp_config.json.orig"]
+    for name in mine:
+        (tmp_path / name).write_text("user data")
+    projector.save_pretrained(tmp_path)
+    first = json.loads((tmp_path / persistence.CONFIG_NAME).read_text())["tensors_file"]
+    projector.save_pretrained(tmp_path)
+    second = json.loads((tmp_path / persistence.CONFIG_NAME).read_text())["tensors_file"]
+    assert not (tmp_path / first).exists() and (tmp_path / second).is_file()
+    assert all((tmp_path / name).read_text() == "user data" for name in mine)
+
+
+def test_the_next_save_removes_what_a_killed_save_left(collected, tmp_path):
+    model, projector = collected
+    folder = projector.save_pretrained(tmp_path / "p")
+    # What a save killed after moving its tensors in (but before its commit) leaves, a safetensors
+    # temporary inside its staging folder, and a version-1 save's temporaries.
+    staging = folder / ".crisp-save-00000000abcd"
+    staging.mkdir()
+    (staging / ".tmpXyZ123").write_bytes(b"\0" * 1000)
+    (folder / "crisp_tensors-00000000abcd.safetensors").write_bytes(b"\0" * 1000)
+    (folder / "crisp_tensors-00000000ef01.safetensors.partial").write_bytes(b"\0" * 1000)
+    (folder / "crisp_config.json.00000000ef01.tmp").write_text("{}")
+    projector.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [persistence.CONFIG_NAME, next(folder.glob("crisp_t*")).name]
+    assert_same_projections(projector, CrispProjector.from_pretrained(folder, model))
+
+
+def test_tensors_get_the_file_mode_of_the_manifest(collected, tmp_path):
+    import os
+    import stat
+
+    _, projector = collected
+    old = os.umask(0o022)
+    try:
+        folder = projector.save_pretrained(tmp_path / "p")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # safetensors' own temporary file is 0600
+
+
+# ------------------------------------------------------------------ Accelerate checkpoints
+def test_accelerate_checkpoints_restore_the_projector_without_unpickling(collected, tmp_path):
+    """A malicious ``custom_checkpoint_0.pkl`` in a checkpoint is never unpickled by the projector."""
+    import os
+    import pickle
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch_crisp.integrations import accelerate as crisp_accelerate
+
+    model, projector = collected
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    twin = CrispProjector(model, CrispConfig(target_modules=TARGETS)).load_state_dict(
+        projector.state_dict(include_basis=True))
+    accelerator = Accelerator(cpu=True)
+    try:
+        crisp_accelerate.register(accelerator, twin)
+        accelerator.save_state(str(tmp_path / "checkpoint"))
+        assert (tmp_path / "checkpoint" / "crisp_projector" / persistence.CONFIG_NAME).is_file()
+        (tmp_path / "checkpoint" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(RunsCode()))
+        twin.reset()
+        try:
+            accelerator.load_state(str(tmp_path / "checkpoint"))
+        except RuntimeError as err:  # Accelerate itself refuses a pickle no object was registered for
+            assert "custom checkpoints" in str(err)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert not marker.exists()
+    assert_same_projections(projector, twin)  # bit-identical bases and masks
+
+
+def test_a_dtype_change_alone_is_not_reported_as_changed_weights(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)  # collected in bf16, as `torch-crisp collect --dtype bfloat16`
+    projector = CrispProjector(model, CrispConfig(target_modules=["down_proj"]))
+    projector.collect([lm_batch(0)], progress=False)
+    projector.save_pretrained(tmp_path / "f")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CrispProjector.from_pretrained(tmp_path / "f", model.to(torch.float32))  # the same checkpoint, in float32
+    messages = [str(w.message) for w in caught]
+    assert any("dtype differs" in m for m in messages)
+    assert not any("weights of" in m for m in messages)

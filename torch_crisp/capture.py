@@ -10,6 +10,7 @@ under activation checkpointing, whose recomputed forwards never receive gradient
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ class CaptureSession:
     Attributes:
         position_mask: boolean ``(batch, seq)`` mask of the positions that count (the batch's
             ``attention_mask``), or ``None`` for every position.
+        decoder_position_mask, decoder_layers: for encoder-decoder models, the mask of the decoder's
+            positions and the names of the layers it applies to (the others use ``position_mask``).
         grad_scale: multiplies each output gradient so it becomes the gradient of the
             **sum-reduced** loss (e.g. the number of loss terms when the loss was a mean).
         weight: multiplies this data's contribution to the sums and token counts.
@@ -39,6 +42,11 @@ class CaptureSession:
     position_mask: Tensor | None = None
     grad_scale: float = 1.0
     weight: float = 1.0
+    decoder_position_mask: Tensor | None = None
+    decoder_layers: frozenset[str] = frozenset()
+
+    def mask_for(self, layer: str) -> Tensor | None:
+        return self.decoder_position_mask if layer in self.decoder_layers else self.position_mask
 
 
 def _select_rows(t: Tensor, mask: Tensor | None, layer: str, what: str) -> Tensor:
@@ -63,15 +71,27 @@ class OutputGradientHooks:
     """
 
     purpose = "its curvature cannot be captured"  # completes the error for an input modified in place
+    # Collection freezes the weights, so an output may need no gradient: it is made a leaf that does.
+    # Training-time hooks (torch_crisp.token_capture) must not change the graph and leave it alone.
+    force_output_gradient = True
 
     def __init__(self, layers: dict[str, LayerState]) -> None:
         self.layers = layers
         self.session: CaptureSession | None = None
         self._handles: list[RemovableHandle] = []
+        self._warned_late = False
 
     @contextmanager
     def capturing(self, session: CaptureSession | None = None) -> Iterator[CaptureSession]:
         """Install the hooks for the duration of the block (re-entrant calls are refused)."""
+        self.install(session)
+        try:
+            yield self.session  # type: ignore[misc]
+        finally:
+            self.remove()
+
+    def install(self, session: CaptureSession | None = None) -> None:
+        """Install the hooks until :meth:`remove` (what :meth:`capturing` does around a block)."""
         if self.session is not None:
             raise RuntimeError("this projector is already capturing; nested capture() is not supported")
         self.session = session if session is not None else CaptureSession()
@@ -80,13 +100,25 @@ class OutputGradientHooks:
                 self._make_forward_hook(name, state), with_kwargs=True
             )
             self._handles.append(handle)
-        try:
-            yield self.session
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            self.session = None
+
+    def remove(self) -> None:
+        """Remove the hooks; a backward pass still in flight is then ignored (with a warning)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.session = None
+
+    def wants(self, name: str, layer_input: Tensor, session: CaptureSession) -> bool:
+        """Whether this forward pass of layer ``name`` should be followed into its backward pass."""
+        return True
+
+    def on_input_modified(self, name: str) -> None:
+        """The input of ``name`` changed in place between its forward and backward pass: it is not the input
+        the gradient belongs to."""
+        raise RuntimeError(
+            f"the input of layer {name!r} was modified in place after its forward pass; "
+            f"{self.purpose} (avoid in-place ops on that activation)"
+        )
 
     def on_output_grad(
         self, name: str, state: LayerState, layer_input: Tensor, grad: Tensor, session: CaptureSession
@@ -99,24 +131,33 @@ class OutputGradientHooks:
             if session is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
                 return None
             layer_input = args[0] if args else kwargs.get("input")
-            if not isinstance(layer_input, Tensor):
+            if not isinstance(layer_input, Tensor) or not self.wants(name, layer_input, session):
                 return None
             replaced = None
             if not output.requires_grad:
+                if not self.force_output_gradient:
+                    return None
                 # Nothing upstream needs a gradient (frozen weights, no grad on the input): make the
                 # output a leaf so the loss still reaches it; its value is unchanged.
                 replaced = output = output.detach().requires_grad_()
             saved_input = layer_input.detach()
             version = layer_input._version
             # the settings of this forward pass: the session may move on to the next batch
-            snapshot = CaptureSession(session.position_mask, session.grad_scale, session.weight)
+            snapshot = CaptureSession(session.mask_for(name), session.grad_scale, session.weight)
 
             def on_output_grad(grad: Tensor) -> None:
+                if self.session is not session:  # the capture ended before this backward pass
+                    if not self._warned_late:
+                        self._warned_late = True
+                        warnings.warn(
+                            f"a backward pass reached layer {name!r} after its capture() block ended; it was "
+                            "not added to the factors (run forward and backward inside the block)",
+                            stacklevel=2,
+                        )
+                    return
                 if layer_input._version != version:
-                    raise RuntimeError(
-                        f"the input of layer {name!r} was modified in place after its forward pass; "
-                        f"{self.purpose} (avoid in-place ops on that activation)"
-                    )
+                    self.on_input_modified(name)
+                    return
                 self.on_output_grad(name, state, saved_input, grad, snapshot)
 
             output.register_hook(on_output_grad)

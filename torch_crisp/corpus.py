@@ -35,9 +35,11 @@ def read_documents(path: str | os.PathLike[str], *, split: str = "auto", text_fi
             the file has a blank line between two non-blank lines, else ``"line"``).
         text_field: the key holding the text in each ``.jsonl`` object.
 
-    Raises ``FileNotFoundError`` or ``ValueError`` with the offending line number.
+    Raises ``FileNotFoundError`` / ``IsADirectoryError``, or ``ValueError`` with the offending line number.
     """
     file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"data file {file} is a folder; pass a .txt or .jsonl file")
     if not file.is_file():
         raise FileNotFoundError(f"data file {file} does not exist")
     if split not in _SPLITS:
@@ -103,7 +105,11 @@ def token_windows(
     """Token windows of at most ``seq_len`` ids, in document order, ``max_tokens`` ids in total.
 
     Windows shorter than 2 tokens are dropped (they have no next-token target). The last window
-    is cut so that the total is exactly ``max_tokens`` when the corpus is long enough.
+    is cut so that the total is exactly ``max_tokens`` when the corpus is long enough. With
+    ``max_tokens``, tokenisation is bounded by the budget, not by the corpus: documents are
+    tokenised a chunk at a time until the budget is reached, and a long document only up to a
+    prefix of 16 characters per token still needed (plus a margin; longer if that prefix yields
+    too few tokens), so a single 18 MB line costs no more than the tokens taken from it.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -111,7 +117,7 @@ def token_windows(
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
     remaining = max_tokens
     for chunk in _chunks(documents, _TOKENIZE_CHUNK):
-        for ids in tokenizer(list(chunk))["input_ids"]:
+        for ids in _tokenized(tokenizer, chunk, remaining):
             for start in range(0, len(ids), seq_len):
                 window = list(ids[start : start + seq_len])
                 if remaining is not None:
@@ -123,6 +129,35 @@ def token_windows(
                     remaining -= len(window)
                     if remaining < 2:
                         return
+
+
+# A generous bound on the characters per token of real text (English averages about 4), and the
+# tokens at the end of a cut-off prefix that may differ from the whole document's (a cut word).
+_CHARS_PER_TOKEN = 16
+_CUT_MARGIN = 64
+
+
+def _tokenized(tokenizer: Any, texts: list[str], budget: int | None) -> Iterator[Sequence[int]]:
+    """The ids of each text; with a ``budget``, at least its first ``budget`` ids, from bounded prefixes."""
+    if budget is None:
+        yield from tokenizer(texts)["input_ids"]
+        return
+    limit = _CHARS_PER_TOKEN * (budget + _CUT_MARGIN)
+    for text, ids in zip(texts, tokenizer([text[:limit] for text in texts])["input_ids"]):
+        yield ids if len(text) <= limit else _prefix_ids(tokenizer, text, budget, limit, ids)
+
+
+def _prefix_ids(tokenizer: Any, text: str, budget: int, limit: int, ids: Sequence[int]) -> Sequence[int]:
+    """The first ``budget`` ids of ``text`` from a prefix of it: ``ids`` (of ``text[:limit]``), or of a
+    four times longer prefix while that yields fewer than ``budget + _CUT_MARGIN`` ids.
+
+    The last ``_CUT_MARGIN`` ids of a prefix are never used, since cutting a word in two changes
+    its tokens; exact for tokenizers whose tokens do not span more than that margin.
+    """
+    while len(ids) < budget + _CUT_MARGIN and limit < len(text):
+        limit *= 4
+        ids = tokenizer([text[:limit]])["input_ids"][0]
+    return ids if limit >= len(text) else ids[:budget]
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

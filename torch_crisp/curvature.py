@@ -24,7 +24,8 @@ approximation of ``G`` reads ``torch.kron(S, A)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ __all__ = [
     "activation_mask",
     "corrected_mask",
     "cross_entropy_output_hessians",
+    "curvature_threshold",
     "ekfac_curvature_sum",
     "gauss_newton_curvature",
     "gauss_newton_projector",
@@ -106,15 +108,18 @@ def ekfac_curvature_sum(
 
     Dividing the sum over all examples by their count gives EK-FAC's corrected curvature
     ``c_ij = E_n[(U_outᵀ G_n U_in)_ij²]``, the diagonal of the exact empirical Fisher of the layer
-    in the Kronecker eigenbasis. Examples are processed in chunks so that at most about
-    ``max_elements`` rotated entries exist at once (per-example gradients of one layer, one chunk).
+    in the Kronecker eigenbasis. At most about ``max_elements`` rotated entries exist at once:
+    examples are processed in chunks, and when one example's ``d_out × d_in`` rotated gradient is
+    itself larger, it is built and squared a block of output rows at a time.
 
     Returns a ``(d_out, d_in)`` tensor in the dtype of the bases.
     """
     n = inputs.shape[0]
     d_out, d_in = U_out.shape[0], U_in.shape[0]
-    chunk = max(1, max_elements // max(1, d_out * d_in))
     total = torch.zeros(d_out, d_in, dtype=U_in.dtype, device=U_in.device)
+    if d_out * d_in > max_elements:
+        return _ekfac_sum_by_row_blocks(inputs, output_grads, U_in, U_out, total, max(1, max_elements // d_in))
+    chunk = max(1, max_elements // (d_out * d_in))
     for start in range(0, n, chunk):
         rotated = rotated_example_gradients(
             inputs[start : start + chunk], output_grads[start : start + chunk], U_in, U_out
@@ -123,10 +128,127 @@ def ekfac_curvature_sum(
     return total
 
 
+def _ekfac_sum_by_row_blocks(
+    inputs: Tensor, output_grads: Tensor, U_in: Tensor, U_out: Tensor, total: Tensor, rows: int
+) -> Tensor:
+    """:func:`ekfac_curvature_sum` one example and ``rows`` output rows at a time, into ``total``.
+
+    Row block ``R`` of ``U_outᵀ G_n U_in`` is ``(g_n U_out[:, R])ᵀ (a_n U_in)``: the rotated inputs
+    and gradients are per-position (the size of the layer's activations), and only a
+    ``rows × d_in`` block of the rotated gradient exists at a time.
+    """
+    rotated_example_gradients(inputs[:0], output_grads[:0], U_in, U_out)  # the shape checks
+    dtype = U_in.dtype
+    for a_n, g_n in zip(inputs, output_grads):
+        a_rot = a_n.to(dtype) @ U_in  # (T, d_in)
+        g_rot = g_n.to(dtype) @ U_out  # (T, d_out)
+        for start in range(0, U_out.shape[0], rows):
+            block = g_rot[:, start : start + rows].mT @ a_rot
+            total[start : start + rows].addcmul_(block, block)
+    return total
+
+
 def corrected_mask(curvature: Tensor, gamma: float) -> tuple[Tensor, float]:
-    """Kept mask ``c < τ`` and threshold ``τ`` of the energy rule on arbitrary curvature ``c``."""
-    tau = functional.threshold_from_curvature(curvature, gamma)
-    return curvature.to(torch.float64) < tau, tau
+    """Kept mask ``c < τ`` and threshold ``τ`` of the energy rule on arbitrary curvature ``c``.
+
+    ``τ`` is :func:`curvature_threshold` (no sort of the grid on large layers); the mask is compared
+    in float64 a chunk at a time, so no float64 copy of the grid is made either.
+    """
+    tau = curvature_threshold(curvature, gamma)
+    flat = curvature.reshape(-1)
+    mask = torch.empty(flat.shape, dtype=torch.bool, device=curvature.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        torch.lt(flat[start : start + _CHUNK].to(torch.float64), tau, out=mask[start : start + _CHUNK])
+    return mask.reshape(curvature.shape), tau
+
+
+# --------------------------------------------------------------------------- sort-free energy threshold
+# Tensors with more entries than this are thresholded by the radix search below (its cost and
+# functional's sort cross near the size functional uses for its own K-FAC search).
+_SEARCH_MIN_ENTRIES = 1 << 17
+_CHUNK = 1 << 20  # entries converted to float64 at a time
+# A non-negative float64 has its sign bit clear, so its bit pattern has 63 significant bits,
+# consumed most significant first: 15, then 16, 16 and 16.
+_RADIX_ROUNDS = ((48, 15), (32, 16), (16, 16), (0, 16))
+
+
+def curvature_threshold(curvature: Tensor, gamma: float) -> float:
+    """Energy threshold ``τ`` of any non-negative curvature tensor, without sorting large ones.
+
+    The definition is :func:`functional.threshold_from_curvature`'s (the smallest value of the
+    shortest descending prefix whose sum reaches ``γ · Σ c``; ``+inf`` when ``Σ c = 0``), which
+    small tensors use directly. For larger ones ``τ`` is the value ``v`` with
+    ``Σ_{c > v} c < γ · Σ c ≤ Σ_{c ≥ v} c``, found by a radix search on the float64 bit patterns
+    (ordered like the values, since they are non-negative): four passes over the tensor in chunks,
+    each summing the entries per 16-bit digit with ``bincount``, narrow the candidates to one
+    value. Memory is one chunk and a 65 536-entry histogram instead of a sorted float64 copy, its
+    indices and prefix sums (about 2 GB at 4096 × 14336). Only the order of the float64 additions
+    differs from the sorted cumulative sum, which matters only when ``γ · Σ c`` lies within
+    rounding of a prefix sum.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < 1.0:
+        raise ValueError(f"gamma must lie strictly between 0 and 1, got {gamma!r}")
+    if curvature.numel() <= _SEARCH_MIN_ENTRIES:
+        return functional.threshold_from_curvature(curvature, gamma)
+    return _threshold_by_radix_search(curvature.reshape(-1), float(gamma))
+
+
+def _threshold_by_radix_search(flat: Tensor, gamma: float) -> float:
+    """:func:`curvature_threshold` of a flat tensor of any size, by the radix search."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        if not bool(torch.isfinite(chunk).all()) or bool((chunk < 0).any()):
+            raise ValueError("curvature must be finite and non-negative; the factors are corrupt")
+        total += chunk.sum()
+    if total.item() == 0.0:
+        return math.inf
+    target = gamma * total
+    prefix, above = 0, torch.zeros((), dtype=torch.float64, device=flat.device)  # above: Σ c beyond the prefix
+    for shift, width in _RADIX_ROUNDS:
+        sums = _digit_sums(flat, prefix, shift, width)
+        reached = above + torch.cumsum(sums.flip(0), 0)  # Σ c over this digit and all larger ones
+        hits = torch.nonzero(reached >= target).flatten()
+        if not hits.numel():
+            # rounding left γ·Σc above every partial sum (γ ≈ 1): the smallest entry, like the
+            # literal definition's clamp to the last sorted entry
+            return _smallest_with_prefix(flat, prefix, shift + width)
+        index = int(hits[0])
+        if index > 0:
+            above = reached[index - 1]
+        prefix = (prefix << width) | ((1 << width) - 1 - index)
+    return _from_bits(prefix)
+
+
+def _float64_chunks(flat: Tensor) -> Iterator[Tensor]:
+    """Chunks of ``flat`` in float64, with -0.0 (whose sign bit is set) turned into 0.0."""
+    for start in range(0, flat.numel(), _CHUNK):
+        yield flat[start : start + _CHUNK].to(torch.float64).abs()
+
+
+def _bits_with_prefix(flat: Tensor, prefix: int, prefix_shift: int) -> Iterator[Tensor]:
+    """Per chunk, the bit patterns of the entries whose bits above ``prefix_shift`` equal ``prefix``."""
+    for chunk in _float64_chunks(flat):
+        bits = chunk.view(torch.int64)
+        yield bits if prefix_shift >= 63 else bits[(bits >> prefix_shift) == prefix]
+
+
+def _digit_sums(flat: Tensor, prefix: int, shift: int, width: int) -> Tensor:
+    """``Σ c`` per value of the ``width``-bit digit at ``shift``, over the entries with ``prefix``."""
+    sums = torch.zeros(1 << width, dtype=torch.float64, device=flat.device)
+    for bits in _bits_with_prefix(flat, prefix, shift + width):
+        digits = (bits >> shift) & ((1 << width) - 1)
+        sums += torch.bincount(digits, weights=bits.view(torch.float64), minlength=1 << width)
+    return sums
+
+
+def _smallest_with_prefix(flat: Tensor, prefix: int, prefix_shift: int) -> float:
+    smallest = min(int(bits.min()) for bits in _bits_with_prefix(flat, prefix, prefix_shift) if bits.numel())
+    return _from_bits(smallest)
+
+
+def _from_bits(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int64).view(torch.float64).item())
 
 
 # --------------------------------------------------------------------------- Monte-Carlo labels

@@ -28,12 +28,16 @@ if TYPE_CHECKING:  # an annotation only: importing torch.distributed's classes n
 __all__ = [
     "Group",
     "ShardedBatches",
+    "all_gather_ints",
+    "all_gather_varying",
     "all_reduce_sums",
     "any_rank",
     "assign_greedy",
     "broadcast",
     "check_same",
     "comm_device",
+    "extreme_counts",
+    "free_device_memory",
     "global_rank",
     "is_active",
     "shard_batches",
@@ -91,6 +95,14 @@ def check_same(description: str, group: Group = None) -> bool:
     return int(probe[0].item()) == -int(probe[1].item())
 
 
+def extreme_counts(count: int, group: Group = None) -> tuple[int, int]:
+    """``(largest, smallest)`` of an integer over the ranks (one all-reduce)."""
+    probe = torch.tensor([count, -count], dtype=torch.int64)
+    probe = probe.to(comm_device(probe, group))
+    dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
+    return int(probe[0].item()), -int(probe[1].item())
+
+
 def all_reduce_sums(tensors: Sequence[Tensor], counts: Sequence[float], group: Group = None) -> list[float]:
     """Sum ``tensors`` in place and ``counts`` (float64, returned) over the ranks, all asynchronously.
 
@@ -110,6 +122,35 @@ def all_reduce_sums(tensors: Sequence[Tensor], counts: Sequence[float], group: G
     for comm, home in transfers:
         home.copy_(comm)
     return counts_comm.cpu().tolist()
+
+
+def all_gather_ints(values: Sequence[int], group: Group = None) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), in group-rank order (one all-gather)."""
+    local = torch.tensor(list(values), dtype=torch.int64)
+    local = local.to(comm_device(local, group))
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return [t.cpu().tolist() for t in gathered]
+
+
+def all_gather_varying(flat: Tensor, lengths: Sequence[int], group: Group = None) -> list[Tensor]:
+    """Every rank's 1-D ``flat`` of length ``lengths[rank]`` (known on every rank), in group-rank order.
+
+    The tensors are padded to the longest for one all-gather; ``flat`` must live on :func:`comm_device`.
+    """
+    longest = max(lengths)
+    padded = torch.zeros(longest, dtype=flat.dtype, device=flat.device)
+    padded[: flat.numel()] = flat
+    gathered = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(gathered, padded, group=group)
+    return [t[:n] for t, n in zip(gathered, lengths)]
+
+
+def free_device_memory(device: torch.device) -> float:
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``); ``inf`` elsewhere (no known limit)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return float("inf")
 
 
 def broadcast(tensors: Sequence[Tensor], src_group_rank: int, group: Group = None) -> list:

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_supported_parameter", "copy_from_full_", "full_tensor", "is_dtensor"]
+__all__ = [
+    "check_supported_parameter",
+    "copy_from_full_",
+    "full_from_local",
+    "full_tensor",
+    "is_dtensor",
+    "local_part",
+    "local_tensor",
+]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -46,6 +54,32 @@ def copy_from_full_(dst: Tensor, full: Tensor) -> None:
         dst.to_local().copy_(local)
     else:
         dst.copy_(full)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of a ``DTensor`` (a plain tensor), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full_from_local(local: Tensor, like: Tensor) -> Tensor:
+    """The whole tensor from this rank's part ``local``, sharded like ``like`` (collective if sharded)."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    # the global shape and stride must be given: FSDP2 shards unevenly when dim 0 does not divide
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    ).full_tensor()
+
+
+def local_part(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of the global value ``full`` for a tensor sharded like ``like`` (no communication)."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def check_supported_parameter(param: Tensor, layer: str) -> None:

@@ -14,6 +14,7 @@ column is projected together with ``W`` (matching the bias-augmented input facto
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "is_projectable",
     "is_tuner_layer",
     "named_projectable_modules",
+    "tied_target_weights",
 ]
 
 
@@ -39,6 +41,14 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
         return False
     weight = getattr(module, "weight", None)
     return isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """bitsandbytes 4/8-bit layers (and any integer-stored weight): packed, not the logical W."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and (
+        not weight.is_floating_point() or hasattr(weight, "quant_state") or hasattr(weight, "SCB")
+    )
 
 
 def is_projectable(module: nn.Module) -> bool:
@@ -99,9 +109,15 @@ class LinearGeometry:
     transposed: bool  # True for Conv1D: module.weight is Wᵀ
 
     @classmethod
-    def of(cls, module: nn.Module) -> LinearGeometry:
+    def of(cls, module: nn.Module, name: str = "") -> LinearGeometry:
         if not is_projectable(module):
             raise TypeError(f"{type(module).__name__} is not an nn.Linear or Hugging Face Conv1D")
+        if _is_quantized(module):
+            raise ValueError(
+                f"layer {name or type(module).__name__!r} holds quantized weights ({type(module).__name__}, "
+                f"{module.weight.dtype}): their stored shape is not the layer's W, and a 4/8-bit base model "
+                "(QLoRA) cannot be projected. Collect and edit on the model in float32/bf16/fp16"
+            )
         return cls(module=module, transposed=_is_hf_conv1d(module))
 
     @property
@@ -162,7 +178,41 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules) -> dict
 
     Only projectable modules (``nn.Linear`` / ``Conv1D``) are returned. Raises ``ValueError``
     naming the pattern when a suffix, a regex or ``"all-linear"`` matches no projectable module.
+    Warns (once, naming both) when a selected layer's weight is tied to another module's
+    (:func:`tied_target_weights`).
     """
+    targets = _select_targets(model, target_modules)
+    tied = tied_target_weights(model, targets)
+    if tied:
+        pairs = ", ".join(f"{target!r} with {other!r}" for target, other in tied)
+        warnings.warn(
+            f"target layers share their weight with other modules (tied embeddings): {pairs}. Projecting their "
+            "updates also constrains, and changes, the other module; leave such layers out of target_modules "
+            "to keep the other module unchanged",
+            stacklevel=3,
+        )
+    return targets
+
+
+def tied_target_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> list[tuple[str, str]]:
+    """``(target, other module)`` for every target whose weight is also another module's parameter.
+
+    With tied embeddings one ``Parameter`` is two modules' weight (GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``), so a projected update of the target is an update of the other.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    pairs = []
+    for name, module in targets.items():
+        weight = getattr(module, "weight", None)
+        for other in owners.get(id(weight), []) if weight is not None else []:
+            if not other.startswith(name + "."):  # the target's own name, peft's base_layer included
+                pairs.append((name, other.rpartition(".")[0] or other))
+    return pairs
+
+
+def _select_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, nn.Module]:
     # peft tuner wrappers (LoRA) count as the layer they wrap, under the wrapper's name
     linear: list[tuple[str, nn.Module]] = list(named_projectable_modules(model))
     if not linear:

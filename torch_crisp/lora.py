@@ -142,14 +142,27 @@ def rectangle_bases(U_out: Tensor, U_in: Tensor, rows: Tensor, cols: Tensor, d_i
     if selected.shape[1] == 0:
         return out_basis, selected[:d_in]
     # Combinations y of the selected eigenvectors with zero bias coordinate: y ⊥ w, where w is the
-    # bias row of the selected block. The right singular vectors of the 1 × |C| matrix w beyond
-    # the first are an orthonormal basis of w's complement; if w vanishes nothing is lost.
-    w = selected[d_in:].to(torch.float64)
+    # bias row of the selected block; if w vanishes nothing is lost.
+    w = selected[d_in].to(torch.float64)
     if float(w.norm()) <= 1e-12:
         return out_basis, selected[:d_in]
-    _, _, Vh = torch.linalg.svd(w, full_matrices=True)
-    combined = selected.to(torch.float64) @ Vh[1:].mT
+    combined = _complement_combinations(selected.to(torch.float64), w)
     return out_basis, combined[:d_in].to(U_in.dtype)
+
+
+def _complement_combinations(vectors: Tensor, w: Tensor) -> Tensor:
+    """``vectors @ H[:, 1:]`` for the Householder reflection ``H`` that maps ``w / ‖w‖`` to ``±e_1``.
+
+    ``H`` is symmetric and orthogonal, so its columns beyond the first (``H e_1 = ±w/‖w‖``) are an
+    orthonormal basis of ``w``'s orthogonal complement; orthonormal columns of ``vectors`` stay
+    orthonormal. With ``v = w/‖w‖`` and ``u = v + sign(v_1) e_1`` (no cancellation: ``‖u‖² ≥ 2``),
+    ``H = I − 2 u uᵀ / ‖u‖²`` and ``vectors @ H[:, 1:] = vectors[:, 1:] − (vectors u)(2/‖u‖²) u[1:]ᵀ``:
+    ``O(rows · n)`` instead of the ``O(n³)`` full SVD of the ``1 × n`` matrix ``w``.
+    """
+    u = w / w.norm()
+    u[0] += 1.0 if u[0] >= 0 else -1.0
+    scale = 2.0 / float(u @ u)
+    return vectors[:, 1:] - (vectors @ u).unsqueeze(1) * (scale * u[1:]).unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- state

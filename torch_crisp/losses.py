@@ -26,6 +26,7 @@ __all__ = [
     "mc_dict_loss",
     "num_loss_terms",
     "sum_reduced_loss",
+    "tempered_dict_loss",
     "training_loss",
 ]
 
@@ -55,43 +56,68 @@ def num_loss_terms(model: nn.Module, labels: Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum().item())
 
 
-def mc_dict_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor | None:
-    """Sum-reduced cross-entropy of a Hugging Face-style batch against labels sampled from the model.
+def _logits_and_labels(model: nn.Module, batch: Mapping[str, Any], why: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(logits, labels, valid)`` of a Hugging Face-style batch, aligned as the model's loss aligns them.
 
     The loss terms are those the model's own loss would count: token-level labels of a decoder-only
     model are shifted (position ``t`` predicts token ``t+1``, counted where ``labels[t+1] != -100``);
     sequence-level labels and encoder-decoder models are not shifted. Without labels, every
-    non-padding next-token prediction of a ``(batch, seq, vocab)`` output counts. ``None`` for a
-    batch without loss terms.
+    non-padding next-token prediction of a ``(batch, seq, vocab)`` output counts.
     """
     labels = batch.get("labels")
     config = getattr(model, "config", None)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    # The data's labels play no part in the loss; drop them so the model skips its own loss, except
+    # The labels play no part in the model call; drop them so the model skips its own loss, except
     # for encoder-decoder models, which build their decoder inputs from them.
     inputs = batch if encoder_decoder else {k: v for k, v in batch.items() if k != "labels"}
     logits = _output_field(model(**inputs), "logits")
     if not isinstance(logits, Tensor):
         raise ValueError(
-            f"fisher='mc' samples labels from the model's predictive distribution, but "
-            f"{type(model).__name__}(**batch) returned no logits; pass logits_fn=lambda model, batch: ..."
+            f"{why} needs the model's logits, but {type(model).__name__}(**batch) returned none; pass "
+            "logits_fn=lambda model, batch: <(..., C) logits>"
         )
     if labels is not None and labels.is_floating_point():
-        raise ValueError("fisher='mc' supports softmax cross-entropy heads only; these labels are floats (regression)")
+        raise ValueError(f"{why} supports softmax cross-entropy heads only; these labels are floats (regression)")
     token_level = logits.dim() >= 3 if labels is None else labels.dim() >= 2
-    shift = token_level and not encoder_decoder
     if labels is not None:
         valid = labels != IGNORE_INDEX
     elif batch.get("attention_mask") is not None and token_level:
         valid = batch["attention_mask"].bool()
     else:
         valid = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if shift:
+    if token_level and not encoder_decoder:
         logits, valid = logits[..., :-1, :], valid[..., 1:]
+        labels = labels[..., 1:] if labels is not None else None
+    return logits, labels, valid
+
+
+def mc_dict_loss(model: nn.Module, batch: Mapping[str, Any], temperature: float = 1.0) -> Tensor | None:
+    """Sum-reduced cross-entropy of a Hugging Face-style batch against labels sampled from
+    ``softmax(logits / temperature)`` (``None`` for a batch without loss terms)."""
+    logits, _, valid = _logits_and_labels(model, batch, "fisher='mc'")
     if not valid.any():
         warnings.warn("skipping a batch with no loss terms (all labels -100)", stacklevel=4)
         return None
-    return mc_cross_entropy(logits, valid)
+    return mc_cross_entropy(logits / temperature, valid)
+
+
+def tempered_dict_loss(model: nn.Module, batch: Mapping[str, Any], temperature: float) -> Tensor | None:
+    """Sum-reduced cross-entropy of ``logits / temperature`` against the batch's labels.
+
+    A token the model predicts with probability ≈ 1 has an output gradient ≈ 0, so its share of
+    the empirical Fisher all but vanishes, although a finite edit step can flip it. Softening the
+    predictive distribution while collecting lets those directions count (``temperature=1`` is the
+    plain empirical Fisher).
+    """
+    if "labels" not in batch:
+        raise ValueError("temperature with fisher='empirical' needs dict batches with 'labels'")
+    logits, labels, valid = _logits_and_labels(model, batch, "temperature")
+    if not valid.any():
+        warnings.warn("skipping a batch whose labels are all -100 (no loss terms)", stacklevel=4)
+        return None
+    assert labels is not None
+    flat = (logits.float() / temperature).reshape(-1, logits.shape[-1])
+    return torch.nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _hf_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -119,22 +145,31 @@ def sum_reduced_loss(
     fisher: FisherType = "empirical",
     loss_fn: LossFn | None = None,
     logits_fn: LogitsFn | None = None,
+    temperature: float = 1.0,
 ) -> Tensor | None:
     """The sum-reduced loss of one batch for curvature collection (``None``: no loss terms, skip it).
 
     ``fisher="mc"`` samples labels (from ``logits_fn(model, batch)`` or ``model(**batch).logits``);
     otherwise ``loss_fn`` (a sum, or ``(mean, n_terms)``) or ``model(**batch).loss`` times the number
-    of label tokens the model averaged over.
+    of label tokens the model averaged over. ``temperature != 1`` divides the logits first (dict
+    batches, or ``logits_fn`` with ``fisher="mc"``).
     """
     if fisher == "mc":
         if logits_fn is not None:
-            return mc_cross_entropy(logits_fn(model, batch))
+            return mc_cross_entropy(logits_fn(model, batch) / temperature)
         if not isinstance(batch, Mapping):
             raise ValueError(
                 f"fisher='mc' with batches of type {type(batch).__name__} needs "
                 "logits_fn=lambda model, batch: <(..., C) logits>"
             )
-        return mc_dict_loss(model, batch)
+        return mc_dict_loss(model, batch, temperature)
+    if temperature != 1.0:
+        if loss_fn is not None or not isinstance(batch, Mapping):
+            raise ValueError(
+                "temperature != 1 tempers the model's logits, so it needs Hugging Face dict batches with labels "
+                "(not a loss_fn): build the batches as dicts, or collect with temperature=1"
+            )
+        return tempered_dict_loss(model, batch, temperature)
     if loss_fn is not None:
         result = loss_fn(model, batch)
         if isinstance(result, tuple):

@@ -11,25 +11,32 @@ them across ranks; :mod:`~torch_crisp.basis` turns them into eigenbases and mask
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import persistence, serialization
-from .capture import CaptureSession, FactorCapture
-from .collection import check_batches, check_pass_arguments, frozen_eval, run_backward_passes, unwrap_data_parallel
+from . import memory
+from .capture import CaptureSession, FactorCapture, OutputGradientHooks
+from .collection import (
+    PassReport,
+    as_batches,
+    check_batches,
+    check_pass_arguments,
+    restored_on_error,
+    run_pass,
+    unwrap_data_parallel,
+)
 from .config import CrispConfig
 from .correction import CorrectionCapture
 from .distributed import Group
 from .layers import LinearGeometry, find_target_modules
 from .lora import LoraLayer, check_peft_model, find_lora_layers, reproject_after_basis_change
 from .losses import LogitsFn, LossFn
+from .persistence_facade import ProjectorPersistence
 from .projection import ProjectionStats, project_gradients_
 from .state import LayerState
 from .sync import RankSync
@@ -37,7 +44,7 @@ from .sync import RankSync
 __all__ = ["CrispProjector"]
 
 
-class CrispProjector:
+class CrispProjector(ProjectorPersistence):
     """K-FAC curvature of a capability data set and the low-curvature projection it defines.
 
     For each target layer (logical weight ``W`` of shape ``(d_out, d_in)``, bias appended as a
@@ -62,7 +69,7 @@ class CrispProjector:
         check_peft_model(self.model)
         dtype = self.config.torch_factor_dtype
         self.layers: dict[str, LayerState] = {
-            name: LayerState(name, LinearGeometry.of(module), dtype)
+            name: LayerState(name, LinearGeometry.of(module, name), dtype, self.config.projection_options)
             for name, module in find_target_modules(self.model, self.config.target_modules).items()
         }
         # LoRA-wrapped targets: factors come from the base layer (self.layers); the adapters'
@@ -70,10 +77,18 @@ class CrispProjector:
         self.lora_layers: dict[str, LoraLayer] = find_lora_layers(
             self.model, {name: state.geometry.d_in for name, state in self.layers.items()}
         )
+        if self.lora_layers:  # their kept rectangles are read from the full bases and mask, on every rank
+            self.config.projection_options.require_full_bases("LoRA adapters")
+            if self.config.basis_placement == "sharded":
+                raise ValueError(
+                    "LoRA adapters are re-projected into their kept rectangles on every rank after every step, which "
+                    "needs every basis on every rank; use basis_placement='replicated' (or 'auto') with LoRA"
+                )
         self._factor_capture = FactorCapture(self.layers)
         self._correction_capture = CorrectionCapture(self.layers)
         self.sync = RankSync()
         self.last_projection: ProjectionStats | None = None
+        self.last_collection: PassReport | None = None  # what the last collect() read, skipped, padded
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -86,10 +101,9 @@ class CrispProjector:
         return all(state.basis is not None for state in self.layers.values())
 
     def _layer(self, name: str) -> LayerState:
-        try:
-            return self.layers[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not a projected layer; projected layers: {self.target_names}") from None
+        if name not in self.layers:
+            raise KeyError(f"{name!r} is not a projected layer; projected layers: {self.target_names}")
+        return self.layers[name]
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """Normalised ``(A, S)`` of one layer; ``A`` includes the bias row/column if any."""
@@ -117,6 +131,16 @@ class CrispProjector:
     def last_removed_fraction(self) -> float | None:
         """``‖Q − P(Q)‖² / ‖Q‖²`` over all layers at the last projection (None before)."""
         return None if self.last_projection is None else self.last_projection.removed_fraction
+
+    @property
+    def predicted_capability_increase(self) -> float | None:
+        """``L̂ = ½ Σ c Ũ²`` of the cumulative change at the last step (update mode or with a budget)."""
+        return None if self.last_projection is None else self.last_projection.predicted_increase
+
+    @property
+    def budget_mu(self) -> float | None:
+        """The capability budget's multiplier ``μ`` at the last step (0: the budget did not bind)."""
+        return None if self.last_projection is None else self.last_projection.budget_mu
 
     @property
     def last_projected_layers(self) -> int:
@@ -153,6 +177,19 @@ class CrispProjector:
         return self.sync.active
 
     @property
+    def basis_placement(self) -> str:
+        """The placement :meth:`update_basis` uses: the config's, except that ``"auto"`` stays replicated where
+        every rank needs every basis (LoRA adapters, a capability budget, EK-FAC)."""
+        config = self.config
+        needs_all = bool(self.lora_layers) or config.capability_budget is not None or config.curvature == "ekfac"
+        return "replicated" if config.basis_placement == "auto" and needs_all else config.basis_placement
+
+    @property
+    def bases_sharded(self) -> bool:
+        """True when each rank holds only the bases it computed (see ``CrispConfig.basis_placement``)."""
+        return self.sync.sharded and self.sync.active
+
+    @property
     def eigendecomposition_owners(self) -> dict[str, int]:
         """Which rank computed each layer's basis at the last distributed :meth:`update_basis`."""
         return self.sync.owners
@@ -187,41 +224,59 @@ class CrispProjector:
         progress: bool = True,
         weight: float = 1.0,
         logits_fn: LogitsFn | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        batch_size: int | None = None,
+        correction_batches: Iterable[Any] | None = None,
     ) -> CrispProjector:
         """Accumulate the factors over ``batches`` and recompute eigenbases and masks.
 
         Args:
             batches: Hugging Face-style dict batches (``input_ids``, ``attention_mask``, ``labels``),
-                run as ``model(**batch).loss``; or any batches with ``loss_fn``.
-            loss_fn: ``loss_fn(model, batch)`` returning the sum-reduced loss, or a tuple
-                ``(mean_loss, num_terms)``. For dict batches, ``attention_mask`` still selects positions.
-            max_batches: stop after this many batches.
-            progress: show a tqdm progress bar.
-            weight: multiplies this data's contribution (e.g. to up-weight edits in sequential
-                editing); factors stay normalised by the weighted token count.
-            logits_fn: for ``fisher="mc"`` with batches that are not Hugging Face dicts: returns
-                ``(..., C)`` logits whose softmax the labels are drawn from (``torch.manual_seed``
-                makes the draws reproducible).
+                run as ``model(**batch).loss``; any batches with ``loss_fn``; or a data set of single
+                tokenised examples (``datasets.Dataset``, torch ``Dataset``, list of dicts), batched
+                with ``collate_fn`` (default: right padding, labels = input ids) and ``batch_size`` (8).
+            loss_fn: ``loss_fn(model, batch)`` returning the sum-reduced loss, or ``(mean_loss, num_terms)``.
+            max_batches: stop after this many batches. ``progress``: show a progress bar.
+            weight: multiplies this data's contribution (e.g. edits in sequential editing).
+            logits_fn: for ``fisher="mc"`` with non-dict batches: ``(..., C)`` logits to draw labels from.
 
-        ``curvature="ekfac"`` makes a second pass over the same (re-iterable) ``batches`` for the
-        corrected curvature in the new eigenbasis (:meth:`correct_curvature`). The model runs in
-        eval mode with its parameters frozen (no weight gradients, ``.grad`` untouched); both are
-        restored. Sums add to what was collected before; :meth:`reset` clears them.
+        ``curvature="ekfac"`` makes a second pass for the corrected curvature in the new eigenbasis
+        (:meth:`correct_curvature`) over ``correction_batches``: by default ``batches`` (which must
+        then be re-iterable). The correction cannot be carried from an old basis to a new one, so a
+        later ``collect`` (sequential editing) must pass every data set collected so far as
+        ``correction_batches``. The model runs in eval mode with its parameters frozen (no weight
+        gradients, ``.grad`` untouched); both are restored. Sums add to what was collected before;
+        :meth:`reset` clears them.
+
+        A batch with a NaN/inf loss is skipped, and a layer's NaN/inf contribution is left out of
+        its sums (both counted in :attr:`last_collection` and warned about), so a bad batch never
+        poisons the curvature. If the call fails part-way (an error, out of memory, Ctrl-C), the
+        projector is left exactly as it was.
         """
         check_pass_arguments(max_batches, weight)
-        check_batches(batches, self.config.fisher, loss_fn, logits_fn, two_passes=self.config.curvature == "ekfac")
-        self.sync.begin_local_factors(self.layers)
-        with frozen_eval(self.model), self._factor_capture.capturing(CaptureSession(weight=weight)) as session:
-            seen = self._passes(batches, session, loss_fn, logits_fn, max_batches, progress, "collect")
-        # In a process group a rank may hold no batches of an uneven shard; it must still join the
-        # reductions in update_basis(), which checks the global token counts on every rank.
-        if seen == 0 and not self.is_distributed:
-            raise ValueError("collect() received no batches; pass a non-empty iterable of capability batches")
-        self._update_bases(correction_follows=self.config.curvature == "ekfac")
-        if self.config.curvature == "ekfac":
-            self.correct_curvature(
-                batches, loss_fn=loss_fn, logits_fn=logits_fn, max_batches=max_batches, progress=progress, weight=weight
+        batches = as_batches(batches, collate_fn, batch_size)
+        ekfac = self.config.curvature == "ekfac"
+        if ekfac and correction_batches is None and any(s.token_count for s in self.layers.values()):
+            raise ValueError(
+                "curvature='ekfac' keeps per-example corrections in the current eigenbasis, and they cannot be "
+                "moved to the basis this collect computes: pass correction_batches=<every data set collected so "
+                "far, these batches included> so the second pass covers all of them"
             )
+        check_batches(batches, self.config.fisher, loss_fn, logits_fn, two_passes=ekfac and correction_batches is None)
+        with restored_on_error(self.layers, self.sync):
+            self.sync.begin_local_factors(self.layers)
+            report = self._passes(self._factor_capture, batches, weight, loss_fn, logits_fn, max_batches, progress)
+            # In a process group a rank may hold no batches of an uneven shard; it must still join the
+            # reductions in update_basis(), which checks the global token counts on every rank.
+            if report.batches == 0 and not self.is_distributed:
+                raise ValueError("collect() received no batches; pass a non-empty iterable of capability batches")
+            self._update_bases(correction_follows=ekfac)
+            if ekfac:
+                self.correct_curvature(
+                    batches if correction_batches is None else correction_batches, loss_fn=loss_fn,
+                    logits_fn=logits_fn, max_batches=max_batches, progress=progress, weight=weight,
+                )
+        self.last_collection = report
         return self
 
     def correct_curvature(
@@ -234,16 +289,12 @@ class CrispProjector:
         progress: bool = True,
         weight: float = 1.0,
     ) -> CrispProjector:
-        """EK-FAC's second pass: corrected curvature in the current eigenbases, then new masks.
+        """EK-FAC's second pass: ``c_ij = E_n[(U_outᵀ G_n U_in)_ij²]`` in the current bases, then new masks.
 
-        For each example ``n`` (one row of a batch) the weight gradient ``G_n`` of its sum-reduced
-        loss (bias-augmented, padding positions excluded) is rotated into the K-FAC eigenbasis and
-        ``c_ij = E_n[(U_outᵀ G_n U_in)_ij²]`` replaces ``λ_out_i λ_in_j`` in the energy rule. Layers
-        are handled one at a time inside the backward pass, so per-example gradients of all layers
-        never coexist. :meth:`collect` calls this for ``curvature="ekfac"``; call it yourself after
-        :meth:`capture` + :meth:`update_basis`. Arguments as in :meth:`collect`. Corrections are
-        discarded whenever :meth:`update_basis` changes the bases. In a process group the
-        correction sums and example counts are all-reduced like the factors (a collective).
+        ``G_n`` is example ``n``'s (one batch row's) weight gradient, rotated layer by layer inside the
+        backward pass (see :mod:`torch_crisp.correction`). :meth:`collect` calls this for
+        ``curvature="ekfac"``; call it yourself after :meth:`capture` + :meth:`update_basis`.
+        Arguments as in :meth:`collect`; a collective in a process group.
         """
         if self.config.curvature != "ekfac":
             raise RuntimeError(
@@ -254,33 +305,34 @@ class CrispProjector:
         check_batches(batches, self.config.fisher, loss_fn, logits_fn, two_passes=False)
         for state in self.layers.values():
             state.require_basis()
-        self.sync.begin_local_corrections(self.layers)
-        with frozen_eval(self.model), self._correction_capture.capturing(CaptureSession(weight=weight)) as session:
-            self._passes(batches, session, loss_fn, logits_fn, max_batches, progress, "EK-FAC pass")
-        self.sync.reduce_corrections(self.layers)  # a collective: ranks without examples contribute zeros
-        missing = [name for name, state in self.layers.items() if state.example_count == 0]
-        if missing:
-            raise RuntimeError(f"the EK-FAC pass reached no example of layers {missing}; check the batches")
-        for state in self.layers.values():
-            state.apply_correction(self.config.gamma)
+        with restored_on_error(self.layers, self.sync):
+            self.sync.begin_local_corrections(self.layers)
+            self._passes(self._correction_capture, batches, weight, loss_fn, logits_fn, max_batches, progress)
+            self.sync.reduce_corrections(self.layers)  # a collective: ranks without examples contribute zeros
+            missing = [name for name, state in self.layers.items() if state.example_count == 0]
+            if missing:
+                raise RuntimeError(f"the EK-FAC pass reached no example of layers {missing}; check the batches")
+            for state in self.layers.values():
+                state.apply_correction(self.config.gamma)
         self._after_basis_change()
         return self
 
-    def _passes(self, batches, session, loss_fn, logits_fn, max_batches, progress, what) -> int:  # noqa: ANN001
-        return run_backward_passes(
-            self.model, batches, session, fisher=self.config.fisher, loss_fn=loss_fn, logits_fn=logits_fn,
-            max_batches=max_batches, progress=progress, what=what,
+    def _passes(
+        self, capture: OutputGradientHooks, batches: Iterable[Any], weight: float, loss_fn: LossFn | None,
+        logits_fn: LogitsFn | None, max_batches: int | None, progress: bool,
+    ) -> PassReport:
+        return run_pass(
+            self.model, self.layers, capture, batches, sync=self.sync, weight=weight, fisher=self.config.fisher,
+            temperature=self.config.temperature, loss_fn=loss_fn, logits_fn=logits_fn, max_batches=max_batches,
+            progress=progress, what="collect" if capture is self._factor_capture else "EK-FAC pass",
         )
 
     def update_basis(self) -> CrispProjector:
         """Eigendecompose every layer's factors and recompute masks for ``config.gamma``.
 
-        In a process group (see :attr:`is_distributed`) this is a collective that every rank must
-        call: the factor sums and token counts are all-reduced (ranks without data contribute
-        zeros), each layer's eigendecomposition runs on one rank (greedy by ``d_in³ + d_out³``)
-        and is broadcast, so all ranks hold bit-identical bases and masks
-        (:mod:`torch_crisp.sync`). Between the start of a capture and this call, ranks other than 0
-        hold only their own new data.
+        In a process group (:attr:`is_distributed`) a collective every rank must call: the sums are
+        all-reduced and each basis is computed on one rank and broadcast, so all ranks hold
+        bit-identical bases and masks (:mod:`torch_crisp.sync`).
         """
         return self._update_bases(correction_follows=False)
 
@@ -292,7 +344,8 @@ class CrispProjector:
                 f"no curvature data reached layers {empty}: they may not be on the loss path, or no "
                 "batch was collected; check target_modules and your batches"
             )
-        self.sync.compute_bases(self.layers, self.config.gamma, self.config.curvature)
+        self.sync.compute_bases(self.layers, self.config.gamma, self.config.curvature, self.basis_placement,
+                                self.config.projection)
         if self.config.curvature == "ekfac" and not correction_follows:
             warnings.warn(
                 "curvature='ekfac': the eigenbases changed, so the masks are K-FAC's until "
@@ -323,23 +376,27 @@ class CrispProjector:
             raise ValueError(f"layer {name!r} projects matrices of shape {expected}{bias_note}, got {tuple(Q.shape)}")
         return state.project(Q)
 
-    def project_(self) -> CrispProjector:
+    def project_(
+        self, skip: Collection[str] = (), factors: Mapping[str, Callable[[Tensor], Tensor]] | None = None
+    ) -> CrispProjector:
         """Project every target layer's ``.grad`` in place (weight and bias together), LoRA included.
 
-        See :func:`~torch_crisp.projection.project_gradients_`. FSDP2 (``fully_shard``) gradients are
-        gathered, projected identically on every rank and written back shard by shard; DeepSpeed
-        ZeRO and FSDP1 flat parameters raise ``RuntimeError``.
+        See :func:`~torch_crisp.projection.project_gradients_`; layers named in ``skip`` are left
+        alone, those in ``factors`` are projected from their tokens' factors (the low-rank step).
+        FSDP2 (``fully_shard``) gradients are gathered, projected identically on every rank and
+        written back shard by shard; DeepSpeed ZeRO and FSDP1 flat parameters raise ``RuntimeError``.
+        With sharded bases (a collective then) each layer's owner projects it and broadcasts the result.
         """
-        self.record_projection(project_gradients_(self.layers, self.lora_layers))
+        owners = self.sync.owner_broadcasts()
+        self.record_projection(project_gradients_(self.layers, self.lora_layers, skip, factors, owners))
         return self
 
     @torch.no_grad()
     def project_lora_parameters_(self) -> CrispProjector:
-        """Keep every LoRA layer's ``ΔW = scaling · B A`` in its kept rectangle (no-op without LoRA).
+        """Keep every LoRA layer's ``ΔW = scaling · B A`` in its kept rectangle, in place (:mod:`torch_crisp.lora`).
 
-        Projects ``B``'s columns onto ``span U_out[:, R]`` and ``A``'s rows onto the allowed span of
-        ``U_in[:, C]``, in place. :class:`~torch_crisp.CrispOptimizer` calls it after every step, so
-        the guarantee holds for any inner optimizer. Layers without a basis yet are skipped.
+        Called after every optimizer step, so the guarantee holds for any optimizer. Layers without a
+        basis yet are skipped.
         """
         for name, lora_layer in self.lora_layers.items():
             basis = self.layers[name].basis
@@ -347,78 +404,11 @@ class CrispProjector:
                 lora_layer.project_parameters_(basis)
         return self
 
+    def memory_report(self, **options: Any) -> memory.MemoryReport:
+        """What collection and training hold, per layer and in total (:func:`torch_crisp.memory.memory_report`)."""
+        return memory.memory_report(self.layers, self.config, **options)
+
     def __repr__(self) -> str:
         status = "basis ready" if self.has_basis else "no basis yet"
-        return (
-            f"CrispProjector({len(self.layers)} layers, gamma={self.config.gamma}, "
-            f"fisher={self.config.fisher!r}, {status})"
-        )
-
-    # ----------------------------------------------------------------- persistence
-    def state_dict(self, include_basis: bool = False) -> dict[str, Any]:
-        """``weights_only``-safe state (:func:`torch_crisp.serialization.state_dict`): config, per-layer
-        factor sums, token counts, fingerprints and (with ``include_basis``) eigenbases."""
-        return serialization.state_dict(self.layers, self.config, include_basis=include_basis)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> CrispProjector:
-        """Restore :meth:`state_dict` output (layers must match: ``ValueError`` lists mismatches);
-        bases that were not saved are recomputed from the sums with the saved ``gamma``."""
-        return self._load(state_dict, source="the state dict", compare_weights=False)
-
-    def _load(self, state_dict: Mapping[str, Any], *, source: str, compare_weights: bool) -> CrispProjector:
-        config = serialization.load_state_dict(self.layers, state_dict, source=source, compare_weights=compare_weights)
-        for key in ("gamma", "fisher", "curvature", "factor_dtype"):
-            setattr(self.config, key, getattr(config, key))
-        self.sync.mark_global()  # loaded sums are global: a later capture must not reduce them twice
-        self._after_basis_change()
-        return self
-
-    def save_pretrained(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        include_basis: bool = False,
-        hash_weights: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Atomically write a folder (``crisp_config.json`` + ``.safetensors``); see
-        :func:`torch_crisp.persistence.save_pretrained`."""
-        state = serialization.state_dict(
-            self.layers, self.config, include_basis=include_basis, hash_weights=hash_weights
-        )
-        return persistence.save_pretrained(state, path, metadata=metadata)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike[str], model: nn.Module, *, gamma: float | None = None
-    ) -> CrispProjector:
-        """Load a folder written by :meth:`save_pretrained` onto ``model`` (``ValueError`` listing
-        mismatched layers; warning if the weights differ); ``gamma`` overrides the saved one (the
-        masks are then recomputed from the saved factors)."""
-        state_dict, _ = persistence.read_folder(path)
-        source = f"projector folder {Path(path)}"
-        config = serialization.parse_config(state_dict, source)
-        try:
-            projector = cls(model, config)
-        except ValueError as err:
-            raise ValueError(f"{source} does not fit this model: {err}") from None
-        projector._load(state_dict, source=source, compare_weights=True)
-        if gamma is not None and gamma != projector.config.gamma:
-            projector.set_gamma(gamma)
-        return projector
-
-    def set_gamma(self, gamma: float) -> CrispProjector:
-        """New masks for ``gamma`` from the current factors, on this rank only (no collective).
-
-        EK-FAC layers with a correction keep their basis (the correction lives in it) and
-        re-threshold the corrected curvature; the others recompute their basis from the sums.
-        """
-        self.config.gamma = gamma
-        self.config.validate()
-        for state in self.layers.values():
-            if state.basis is not None and state.correction_sum is not None and state.basis.curvature == "ekfac":
-                state.apply_correction(gamma)
-            elif state.token_count:
-                state.compute_basis(gamma, self.config.curvature)
-        self._after_basis_change()
-        return self
+        config = self.config
+        return f"CrispProjector({len(self.layers)} layers, gamma={config.gamma}, fisher={config.fisher!r}, {status})"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,13 @@ class SequentialEditor:
                 "the projector has no basis yet: collect the capability data first "
                 "(projector.collect(capability_batches)) or load a saved projector"
             )
+        if projector.config.curvature == "ekfac":
+            raise ValueError(
+                "SequentialEditor does not support curvature='ekfac': each round's new basis needs EK-FAC's second "
+                "pass over every data set collected so far (the capability data included), which the editor does "
+                "not hold. Use curvature='kfac', or run the rounds yourself with "
+                "projector.collect(round_batches, correction_batches=all_batches_so_far)"
+            )
         self.projector = projector
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -178,14 +185,18 @@ class SequentialEditor:
         self.history: list[RoundStats] = []
 
     def edit_round(
-        self, batches: Sequence[Any], *, step_callback: Callable[[int, float], None] | None = None
+        self, batches: Iterable[Any], *, step_callback: Callable[[int, float], None] | None = None
     ) -> RoundStats:
         """Train on ``batches`` for ``epochs`` passes, then add their curvature; return statistics.
 
-        ``batches`` must be re-iterable (a list, or a ``DataLoader``): it is read ``epochs`` times
-        for training and once more for the curvature. ``step_callback(step, loss)`` is called
-        after every optimizer step.
+        ``batches`` is read ``epochs`` times for training and once more for the curvature; a one-shot
+        iterator (a generator) is materialised into a list first. ``step_callback(step, loss)`` is
+        called after every optimizer step. A :class:`~torch_crisp.CrispOptimizer` anchors ``W₀`` anew
+        at the first step after the basis changed, i.e. each round constrains (and budgets) the change
+        made in that round: earlier rounds' changes are part of the model the new curvature protects.
         """
+        if isinstance(batches, Iterator):
+            batches = list(batches)
         start = time.perf_counter()
         model = self.projector.model
         device = next(iter(model.parameters())).device

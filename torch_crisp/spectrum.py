@@ -1,22 +1,24 @@
 """Spectra of saved factors and how much each energy threshold ``γ`` keeps (model-free).
 
 Answers "which γ?" before any training: for the K-FAC curvature ``c_ij = λ_out_i · λ_in_j`` of a
-layer, :func:`gamma_sweep` gives, for many ``γ`` at the cost of one sort, the threshold ``τ`` of
+layer, :func:`gamma_sweep` gives, for each ``γ``, the threshold ``τ`` of
 the energy rule (``docs/concepts.md``), the fraction of eigen-directions kept (``c_ij < τ``) and
-the fraction of the curvature energy ``Σ c_ij`` those kept directions carry. The rule and the
-tie handling are exactly :func:`torch_crisp.functional.energy_threshold`'s.
+the fraction of the curvature energy ``Σ c_ij`` those kept directions carry. The rule, the tie
+handling and, on large layers, the sort-free threshold search are exactly the projector's
+(:func:`torch_crisp.functional.energy_threshold`, :func:`torch_crisp.curvature.curvature_threshold`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import functional
+from .curvature import curvature_threshold
 
 __all__ = ["FactorSummary", "GammaPoint", "factor_summary", "gamma_sweep", "spectra_from_sums", "sweep_curvature"]
 
@@ -86,23 +88,36 @@ def factor_summary(eigenvalues: Tensor) -> FactorSummary:
 def gamma_sweep(eig_out: Tensor, eig_in: Tensor, gammas: Sequence[float]) -> list[GammaPoint]:
     """:class:`GammaPoint` for every ``γ`` of K-FAC curvature ``c_ij = λ_out_i · λ_in_j``.
 
-    Materialises the ``d_out × d_in`` grid in float64 and sorts it once for all ``γ`` (about
-    360 MB for a 4096 × 11008 layer). :func:`functional.energy_threshold` follows the same rule
-    without the grid on large layers; the two can differ only when ``γ·Σc`` lies within float64
-    rounding of a prefix sum.
+    Each ``τ`` is the projector's own (:func:`functional.energy_threshold`, which needs no grid on
+    large layers), and the kept counts and energies come from one pass over the grid a block of
+    rows at a time: nothing of ``d_out × d_in`` size is kept. Many ``γ`` on a large layer (a plot's
+    sweep) sort the float64 grid once instead, which is faster but transiently needs a few
+    float64 copies of it.
     """
-    return sweep_curvature(functional.curvature_grid(eig_out, eig_in), gammas)
+    _check_gammas(gammas)
+    if not _search_pays(eig_out.numel() * eig_in.numel(), gammas):
+        return sweep_curvature(functional.curvature_grid(eig_out, eig_in), gammas)
+    taus = [functional.energy_threshold(eig_out, eig_in, float(gamma)) for gamma in gammas]
+    eig_in64 = eig_in.to(torch.float64)
+    rows = max(1, _BLOCK // max(1, eig_in.numel()))
+    blocks = (torch.outer(block, eig_in64) for block in eig_out.to(torch.float64).split(rows))
+    return _points(gammas, taus, blocks)
 
 
 def sweep_curvature(curvature: Tensor, gammas: Sequence[float]) -> list[GammaPoint]:
-    """:class:`GammaPoint` for every ``γ`` of any non-negative curvature, from one sort.
+    """:class:`GammaPoint` for every ``γ`` of any non-negative curvature.
 
     The rule is :func:`functional.threshold_from_curvature`'s, which the activation-only model
-    (``c = λ_in``) and EK-FAC (``c`` = corrected curvature) also use.
+    (``c = λ_in``) and EK-FAC (``c`` = corrected curvature) also use. Small tensors, and many ``γ``,
+    are served by one sort; a few ``γ`` on a large tensor use the projector's sort-free
+    :func:`~torch_crisp.curvature.curvature_threshold` and one chunked pass for the statistics.
     """
-    for gamma in gammas:
-        if not 0.0 < float(gamma) < 1.0:
-            raise ValueError(f"every gamma must lie strictly between 0 and 1, got {gamma}")
+    _check_gammas(gammas)
+    if _search_pays(curvature.numel(), gammas):
+        taus = [curvature_threshold(curvature, float(gamma)) for gamma in gammas]
+        flat = curvature.reshape(-1)
+        return _points(gammas, taus, (flat[start : start + _BLOCK].to(torch.float64)
+                                      for start in range(0, flat.numel(), _BLOCK)))
     c = curvature.reshape(-1).to(torch.float64)
     total_tensor = c.sum()  # the same reduction the threshold rule uses, so tau matches exactly
     total = float(total_tensor.item())
@@ -122,3 +137,38 @@ def sweep_curvature(curvature: Tensor, gammas: Sequence[float]) -> list[GammaPoi
         kept_energy = total - float(prefix[blocked - 1].item()) if blocked > 0 else total
         points.append(GammaPoint(float(gamma), tau, kept / count, max(kept_energy, 0.0) / total))
     return points
+
+
+# Above this many entries the projector thresholds without sorting (functional, curvature), and so
+# do sweeps of at most _FEW_GAMMAS values; blocks of _BLOCK entries exist at a time.
+_SEARCH_MIN_ENTRIES = 1 << 17
+_FEW_GAMMAS = 8
+_BLOCK = 1 << 20
+
+
+def _search_pays(entries: int, gammas: Sequence[float]) -> bool:
+    return entries > _SEARCH_MIN_ENTRIES and len(gammas) <= _FEW_GAMMAS
+
+
+def _check_gammas(gammas: Sequence[float]) -> None:
+    for gamma in gammas:
+        if not 0.0 < float(gamma) < 1.0:
+            raise ValueError(f"every gamma must lie strictly between 0 and 1, got {gamma}")
+
+
+def _points(gammas: Sequence[float], taus: Sequence[float], blocks: Iterable[Tensor]) -> list[GammaPoint]:
+    """Kept fractions and energies of the thresholds ``taus`` from one pass over float64 ``blocks``."""
+    total, count = 0.0, 0
+    kept = [0] * len(taus)
+    energy = [0.0] * len(taus)
+    for block in blocks:
+        total += float(block.sum())
+        count += block.numel()
+        for index, tau in enumerate(taus):
+            below = block < tau
+            kept[index] += int(below.sum())
+            energy[index] += float(block[below].sum())
+    if total == 0.0:
+        return [GammaPoint(float(g), math.inf, 1.0, 1.0) for g in gammas]
+    rows = zip(gammas, taus, kept, energy)
+    return [GammaPoint(float(gamma), tau, k / count, max(e, 0.0) / total) for gamma, tau, k, e in rows]

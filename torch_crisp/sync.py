@@ -17,6 +17,13 @@ than one rank in the group, an update of the bases proceeds as
 EK-FAC's second-pass sums are reduced the same way: in the shared bases, the rotated per-example
 gradients of all ranks live in the same coordinates.
 
+With ``basis_placement="sharded"`` (kfac-pytorch's MEM-OPT) step 3 broadcasts only the owner's numbers
+(eigenvalues, ``τ``, the kept fraction, the low-rank step's token budget): each rank keeps the bases
+it computed, the others a :class:`~torch_crisp.basis.RemoteBasis`, and at every step the owner
+projects its layers and broadcasts the result (:mod:`torch_crisp.placement`). ``"auto"`` decides
+per update, identically on every rank (one all-reduce): sharded when the replicated bases would
+take more than half of the smallest free device memory of the group, else replicated.
+
 After a reduction every rank holds the same global sums ``G``. New local data ``L_r`` is added on
 top, and the next reduction must yield ``G + Σ_r L_r``, not ``world_size·G + Σ_r L_r``: so ``G``
 stays on rank 0 only and the other ranks start again from zero when they begin adding data (their
@@ -31,12 +38,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import distributed
-from .basis import Basis
-from .config import Curvature
+from . import distributed, low_rank
+from .basis import AnyBasis, Basis, RemoteBasis
+from .config import BasisPlacement, Curvature, Projection
+from .placement import OwnerBroadcasts
 from .state import LayerState
 
 __all__ = ["RankSync", "eigendecomposition_cost"]
+
+# "auto" shards when the replicated bases would need more than this share of the free device memory: the
+# rest is for the gradients, optimizer state and activations of training (a choice, not a measurement)
+AUTO_SHARD_FREE_FRACTION = 0.5
 
 
 def eigendecomposition_cost(state: LayerState) -> float:
@@ -61,12 +73,14 @@ class RankSync:
         process_group: the group the sums are reduced over (``None``: the default world group).
         enabled: set ``False`` to keep a projector purely local to its rank.
         owners: ``{layer: group rank}`` that computed each basis at the last distributed update.
+        sharded: whether the bases are sharded over the ranks (each rank holds its owners' bases only).
     """
 
     def __init__(self) -> None:
         self.process_group: distributed.Group = None
         self.enabled = True
         self.owners: dict[str, int] = {}
+        self.sharded = False
         self._local_factors = False  # this rank added data since the last reduction
         self._local_corrections = False
 
@@ -77,6 +91,13 @@ class RankSync:
     @property
     def rank(self) -> int:
         return dist.get_rank(self.process_group) if self.active else 0
+
+    def flags(self) -> tuple[bool, bool]:
+        """Which sums are local to this rank (saved and restored around a collection that may fail)."""
+        return self._local_factors, self._local_corrections
+
+    def set_flags(self, flags: tuple[bool, bool]) -> None:
+        self._local_factors, self._local_corrections = flags
 
     def mark_global(self) -> None:
         """The sums now held are global (e.g. just loaded from a file): nothing to reduce."""
@@ -129,11 +150,20 @@ class RankSync:
         self._local_corrections = False
 
     # ----------------------------------------------------------------- bases
-    def compute_bases(self, layers: Mapping[str, LayerState], gamma: float, curvature: Curvature) -> None:
-        """Each layer's basis computed on one rank and broadcast to all (collective when active)."""
+    def owner_broadcasts(self) -> OwnerBroadcasts | None:
+        """The broadcasts of one step when the bases are sharded (``None`` when every rank holds every basis)."""
+        return OwnerBroadcasts(self.owners, self.process_group) if self.sharded and self.active else None
+
+    def compute_bases(
+        self, layers: Mapping[str, LayerState], gamma: float, curvature: Curvature,
+        placement: BasisPlacement = "replicated", projection: Projection = "auto",
+    ) -> None:
+        """Each layer's basis computed on one rank and broadcast to all, or kept there with
+        ``placement`` sharded (collective when active)."""
         if not self.active:
             for state in layers.values():
                 state.compute_basis(gamma, curvature)
+            self.sharded = False
             return
         group = self.process_group
         states = list(layers.values())
@@ -142,9 +172,14 @@ class RankSync:
         # Own work first, so the ranks compute in parallel before any broadcast waits on them.
         for state, owner in zip(states, owners):
             if owner == me:
-                state.compute_basis(gamma, curvature)
+                state.compute_basis(gamma, curvature, keep_full=True)  # broadcast in full, then stored
             elif curvature == "ekfac":
                 state.clear_correction()  # as the owner's compute_basis does: it belonged to the old basis
+        self.owners = {name: owner for name, owner in zip(layers, owners)}
+        self.sharded = self._shards(placement, states, owners)
+        if self.sharded:
+            self._share_numbers(states, owners, curvature, projection)
+            return
         pending, received = [], []
         for state, owner in zip(states, owners):
             device = distributed.comm_device(torch.empty(0, device=state.geometry.weight.device), group)
@@ -159,7 +194,59 @@ class RankSync:
             work.wait()
         for state, buffers in received:
             state.basis = _unpack(buffers, state.geometry.d_in_augmented, curvature, state.geometry.weight.device)
+        for state in states:
+            state.apply_storage(curvature)
+
+    def place_loaded(self, layers: Mapping[str, LayerState], curvature: Curvature, projection: Projection) -> None:
+        """Shard bases that every rank loaded (local: the owners are the deterministic assignment of
+        :meth:`compute_bases`; each rank keeps its own and the numbers of the others)."""
+        states = list(layers.values())
+        owners = distributed.assign_greedy([eigendecomposition_cost(s) for s in states], dist.get_world_size(
+            self.process_group))
+        me = dist.get_rank(self.process_group)
+        for state, owner in zip(states, owners):
+            state.apply_storage(curvature)
+            if owner != me:
+                basis = state.require_basis()
+                state.basis = _remote(state, _numbers(state, basis, projection), basis.curvature, owner)
         self.owners = {name: owner for name, owner in zip(layers, owners)}
+        self.sharded = True
+
+    def _shards(self, placement: BasisPlacement, states: list[LayerState], owners: list[int]) -> bool:
+        """Whether to shard: as asked, or for ``"auto"`` when the replicated bases would take more than
+        :data:`AUTO_SHARD_FREE_FRACTION` of the smallest free device memory (one all-reduce, one verdict)."""
+        if placement != "auto":
+            return placement == "sharded"
+        me = dist.get_rank(self.process_group)
+        free = distributed.free_device_memory(states[0].geometry.weight.device) if states else float("inf")
+        probe = torch.tensor([_stored_bytes(s) if owner == me else 0 for s, owner in zip(states, owners)]
+                             + [-int(min(free, 2.0**62))], dtype=torch.int64)
+        probe = probe.to(distributed.comm_device(probe, self.process_group))
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=self.process_group)
+        totals = probe.cpu().tolist()
+        return sum(totals[:-1]) > AUTO_SHARD_FREE_FRACTION * -totals[-1]
+
+    def _share_numbers(self, states: list[LayerState], owners: list[int], curvature: Curvature,
+                       projection: Projection) -> None:
+        """Sharded: owners keep their bases (as stored) and broadcast ``λ_in, λ_out, τ``, the kept fraction and
+        the low-rank token budget; the other ranks keep those in a :class:`RemoteBasis`."""
+        me, pending, received = dist.get_rank(self.process_group), [], []
+        for state, owner in zip(states, owners):
+            d_in, d_out = state.geometry.d_in_augmented, state.geometry.d_out
+            device = distributed.comm_device(torch.empty(0, device=state.geometry.weight.device), self.process_group)
+            if owner == me:
+                state.apply_storage(curvature)
+                buffer = _numbers(state, state.require_basis(), projection).to(device)
+            else:
+                state.basis = None  # free the old basis first
+                buffer = torch.empty(d_in + d_out + 3, dtype=torch.float64, device=device)
+                received.append((state, owner, buffer))
+            pending.extend(distributed.broadcast([buffer], owner, self.process_group))
+        for work in pending:
+            work.wait()
+        for state, owner, buffer in received:
+            state.basis = _remote(state, buffer.cpu(), "activations" if curvature == "activations" else "kfac", owner)
+            state.apply_storage(curvature)  # offloaded sums
 
     def _check_same_layers(self, layers: Mapping[str, LayerState]) -> None:
         if not distributed.check_same(_layers_description(layers), self.process_group):
@@ -199,4 +286,29 @@ def _unpack(buffers: list[Tensor], d_in: int, curvature: Curvature, home: torch.
         mask=mask.to(home, torch.bool),
         tau=float(values[-1].item()),
         curvature="activations" if curvature == "activations" else "kfac",
+    )
+
+
+def _stored_bytes(state: LayerState) -> int:
+    """Bytes of a freshly computed (full) basis as the layer's options will store it."""
+    basis = state.require_basis().stored(state.options.basis_storage, state.options.projection)
+    return sum(t.numel() * t.element_size() for t in basis.tensors().values())
+
+
+def _numbers(state: LayerState, basis: AnyBasis, projection: Projection) -> Tensor:
+    """``[λ_in, λ_out, τ, kept fraction, low-rank token budget]`` in float64 (what a :class:`RemoteBasis` keeps)."""
+    budget = 0 if isinstance(basis, RemoteBasis) else low_rank.token_budget(
+        basis, projection, state.geometry.weight.device, "auto"
+    )
+    extra = torch.tensor([basis.tau, basis.kept_fraction, float(budget)], dtype=torch.float64)
+    return torch.cat([basis.eig_in.double().cpu(), basis.eig_out.double().cpu(), extra])
+
+
+def _remote(state: LayerState, values: Tensor, curvature: Curvature, owner: int) -> RemoteBasis:
+    """The :class:`RemoteBasis` of :func:`_numbers`' ``values`` (received from the owner, or computed alike)."""
+    d_in, home = state.geometry.d_in_augmented, state.geometry.weight.device
+    return RemoteBasis(
+        name=state.name, eig_in=values[:d_in].float().to(home), eig_out=values[d_in:-3].float().to(home),
+        tau=float(values[-3]), curvature=curvature, owner=owner, kept=float(values[-2]),
+        low_rank_tokens=int(values[-1]),
     )

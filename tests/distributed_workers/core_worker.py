@@ -5,7 +5,8 @@ asserts on the numbers. Scenarios: factor reduction over uneven shards (one rank
 repeated collection and update_basis() without new data (no double counting), bit-identical
 bases and the split of the eigendecompositions, EK-FAC and activation-only curvature, DDP
 training with CrispOptimizer in both modes, FSDP2 (fully_shard) training for nn.Linear and
-Hugging Face Conv1D, collection on an FSDP2-sharded model. Every multi-process result is
+Hugging Face Conv1D, collection on an FSDP2-sharded model, sharded bases and the low-rank step under
+DDP (placement_scenarios.py). Every multi-process result is
 compared with a single-process reference computed on each rank (``sync_across_ranks=False``).
 """
 
@@ -23,7 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_models
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # placement_scenarios
 
+from placement_scenarios import scenario_placement  # noqa: E402
 from tiny_models import lm_batch, tiny_gpt2  # noqa: E402
 
 from torch_crisp import (  # noqa: E402
@@ -265,6 +268,32 @@ def scenario_ddp(rank: int, world: int, result: dict) -> None:
         }
 
 
+def scenario_budget(rank: int, world: int, result: dict) -> None:
+    """DDP with a capability budget that binds: every rank must find the same μ at every step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    config = CrispConfig(target_modules=["mlp.c_proj"], gamma=0.9, capability_budget=1e-5)
+    model = tiny_gpt2(seed=1).eval()
+    projector = CrispProjector(model, config)
+    trainable = projector.projected_parameters()
+    ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    ddp = DistributedDataParallel(model)
+    projector.collect([lm_batch(seed, batch=2, seq=10) for seed in range(4)][rank::world], progress=False)
+    optimizer = CrispOptimizer(torch.optim.AdamW(trainable, lr=5e-2), projector, mode="update")
+    mus, predicted = [], []
+    for step in range(3):
+        batch = {k: v[rank::world] for k, v in lm_batch(60 + step, batch=4, seq=8, pad_rows=0).items()}
+        ddp(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mus.append(projector.budget_mu)
+        predicted.append(projector.predicted_capability_increase)
+    params = {n: digest(p) for n, p in model.named_parameters()}
+    result["budget"] = {"mu": mus, "predicted": predicted, "params": params}
+
+
 def scenario_fsdp2(rank: int, world: int, result: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -365,6 +394,22 @@ def scenario_fsdp2(rank: int, world: int, result: dict) -> None:
             entry["error"] = f"{type(err).__name__}: {err}"
             entry["traceback"] = traceback.format_exc()[-3000:]
 
+    # Uneven shards of a sharded model: 3 batches on 2 ranks (every forward is a collective).
+    entry = result["fsdp2_uneven_collect"] = {}
+    try:
+        model = make()
+        for i in (0, 2, 4):
+            fully_shard(model[i], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        projector = CrispProjector(model, config)
+        projector.collect(capability[:3][rank::world], loss_fn=loss_fn, progress=False)
+        ref = local_projector(make(), [(capability[:3], {"loss_fn": loss_fn})], config)
+        entry["factors_vs_ref"] = compare_factors(projector, ref)
+        entry["padding_passes"] = projector.last_collection.padding_passes
+    except Exception as err:
+        entry["error"] = f"{type(err).__name__}: {err}"
+        entry["traceback"] = traceback.format_exc()[-3000:]
+
     # Collecting on an already sharded (FSDP2) model.
     entry = result["fsdp2_collect_sharded"] = {}
     try:
@@ -387,11 +432,15 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     result: dict = {"rank": rank, "world": world}
-    scenarios = sys.argv[2].split(",") if len(sys.argv) > 2 else ["factors", "variants", "ddp", "fsdp2"]
+    scenarios = sys.argv[2].split(",") if len(sys.argv) > 2 else ["factors", "variants", "ddp", "budget", "fsdp2",
+                                                                  "placement"]
     try:
         for name in scenarios:
+            if name == "placement":  # sharded bases and the low-rank step (placement_scenarios.py)
+                scenario_placement(rank, world, result, out_dir)
+                continue
             {"factors": scenario_factors, "variants": scenario_variants, "ddp": scenario_ddp,
-             "fsdp2": scenario_fsdp2}[name](rank, world, result)
+             "budget": scenario_budget, "fsdp2": scenario_fsdp2}[name](rank, world, result)
     finally:
         partial = out_dir / f"rank{rank}.json.partial"
         partial.write_text(json.dumps(result, indent=1, default=str))
