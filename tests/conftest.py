@@ -25,3 +25,9 @@ def gpt2():
 @pytest.fixture
 def lm_batches():
     return [lm_batch(seed) for seed in range(3)]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One cache of the demo's pretrained base models for every test that runs the demo (pretrain once)."""
+    return tmp_path_factory.mktemp("demo-cache")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import lm_batch, tiny_llama
 
 from torch_crisp import CrispConfig, CrispProjector
 from torch_crisp.cli import COMMANDS, build_parser, main
@@ -109,6 +109,11 @@ def test_collect_then_inspect_then_load_in_python(model_dir, data_txt, tmp_path,
         assert by_gamma[0.95]["tau"] == loaded.layers[layer["name"]].basis.tau
         assert by_gamma[0.5]["kept_fraction"] >= by_gamma[0.95]["kept_fraction"]
         assert layer["num_tokens"] == 28
+        # the projection plan at each γ: its blocked fraction is what the mask does not keep
+        plan = by_gamma[0.95]["plan"]
+        assert plan["path"] in ("full", "complement") and 0 < plan["relative_time"] <= 1.0
+        assert plan["blocked_fraction"] == pytest.approx(1 - kept[layer["name"]], abs=1e-6)
+    assert "J(0)" in table and "path" in table
 
 
 def test_inspect_plot_writes_an_image(model_dir, data_txt, tmp_path, capsys):
@@ -140,7 +145,7 @@ def test_user_mistakes_are_one_line_errors(model_dir, data_txt, tmp_path, capsys
     assert_one_line_error(*collect(model=tmp_path)[::2], "not a Hugging Face model folder")
     assert_one_line_error(*collect(model=tmp_path / "nope")[::2], "no such folder")
     assert_one_line_error(*collect("--target-modules", "mlp.nothing")[::2], "'mlp.nothing' matches no linear module")
-    assert_one_line_error(*collect("--seq-len", "0")[::2], "--seq-len must be a positive integer")
+    assert_one_line_error(*collect("--seq-len", "1")[::2], "--seq-len must be an integer of at least 2")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "the cat"}\n{oops\n')
     assert_one_line_error(*collect(data=bad)[::2], "bad.jsonl:2", "invalid JSON")
@@ -227,3 +232,140 @@ def test_inspect_reports_the_curvature_model_the_projector_uses(model_dir, data_
         assert layer["curvature"].startswith(curvature)
         assert layer["gammas"][0]["kept_fraction"] == pytest.approx(kept[layer["name"]], abs=1e-6)
         assert layer["gammas"][0]["tau"] == loaded.layers[layer["name"]].basis.tau
+
+
+# ------------------------------------------------------------------ checked before any work
+@pytest.fixture()
+def no_model_loading(monkeypatch):
+    """Make loading a model fail loudly: the errors below must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("torch_crisp.commands.collect.load_hf_model", refuse)
+    monkeypatch.setattr("torch_crisp.commands.common.load_hf_model", refuse)
+
+
+def test_output_paths_are_checked_before_any_work(model_dir, data_txt, tmp_path, capsys, no_model_loading):
+    (tmp_path / "a_file").write_text("x")
+    edits = tmp_path / "edits.json"
+    edits.write_text('[{"prompt": "the cat sat on", "target_new": "mat"}]')
+    model_files = sorted(p.name for p in model_dir.iterdir())
+
+    def collect(out, *extra, data=data_txt):
+        return run_cli(capsys, "collect", "--model", model_dir, "--data", data, "--out", out, "--quiet", *extra)[::2]
+
+    def edit(out, *extra):
+        return run_cli(capsys, "edit", "--model", model_dir, "--edits", edits, "--out", out, "--quiet", *extra)[::2]
+
+    assert_one_line_error(*collect(tmp_path / "a_file"), "--out", "is a file")
+    assert_one_line_error(*collect(tmp_path / "a_file" / "below"), "cannot be created", "a_file is a file")
+    assert_one_line_error(*collect(model_dir), "is the --model folder")
+    assert_one_line_error(*edit(model_dir, "--no-crisp"), "is the --model folder")  # used to overwrite the model
+    assert_one_line_error(*edit(str(model_dir) + "/", "--no-crisp"), "is the --model folder")
+    assert_one_line_error(*edit(tmp_path / "o", "--no-crisp", "--limit", "0"), "--limit must be a positive integer")
+    assert_one_line_error(*edit(tmp_path / "o", "--no-crisp", "--lr", "nan"), "--lr must be a finite number")
+    assert_one_line_error(*edit(tmp_path / "o", "--gamma", "1.5", "--capability-data", data_txt), "--gamma")
+    assert_one_line_error(*edit(tmp_path / "o"), "--capability-data")  # neither factors nor data
+    assert_one_line_error(*edit(tmp_path / "o", "--factors", tmp_path), "holds no crisp_config.json")
+    assert_one_line_error(*collect(tmp_path / "o", "--device", "meta"), "--device meta cannot run a model")
+    assert_one_line_error(*collect(tmp_path / "o", "--gamma", "1"), "--gamma must lie strictly between")
+    assert_one_line_error(*collect(tmp_path / "o", data=tmp_path), "--data", "is a folder")  # not "does not exist"
+    assert sorted(p.name for p in model_dir.iterdir()) == model_files
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_folder_with_a_bad_config_is_a_one_line_error(model_dir, data_txt, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "two"}))  # a TypeError inside
+    code, _, err = run_cli(capsys, "collect", "--model", broken, "--data", data_txt, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, f"--model {broken}: cannot load")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture()
+def saved_factors(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    projector = CrispProjector(model, CrispConfig(target_modules=["mlp.down_proj"]))
+    projector.collect([lm_batch(0)], progress=False)
+    return projector.save_pretrained(tmp_path / "factors")
+
+
+def test_corrupt_factor_folders_are_one_line_errors(model_dir, saved_factors, tmp_path, capsys):
+    edits = tmp_path / "edits.json"
+    edits.write_text('[{"prompt": "the cat sat on", "target_new": "mat"}]')
+    tensors = next(saved_factors.glob("crisp_tensors-*"))
+    tensors.write_bytes(tensors.read_bytes()[:-64])  # truncated
+    assert_one_line_error(*run_cli(capsys, "inspect", saved_factors)[::2], tensors.name, "SHA-256")
+    code, _, err = run_cli(capsys, "edit", "--model", model_dir, "--edits", edits, "--factors", saved_factors,
+                           "--out", tmp_path / "o", "--quiet", "--device", "cpu")
+    assert_one_line_error(code, err, tensors.name)
+    assert not (tmp_path / "o").exists()
+
+    manifest_path = saved_factors / "crisp_config.json"
+    manifest = json.loads(manifest_path.read_text())
+    del next(iter(manifest["layers"].values()))["fingerprint"]  # a KeyError before
+    manifest_path.write_text(json.dumps(manifest))
+    assert_one_line_error(*run_cli(capsys, "inspect", saved_factors)[::2], "crisp_config.json", "fingerprint")
+
+
+def test_inspect_keeps_no_curvature_grid(saved_factors):
+    from torch_crisp.cli import inspect_folder
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from tensors(item)
+
+    for plot in (False, True):
+        report = inspect_folder(saved_factors, plot=plot)
+        assert all(t.dim() <= 1 for t in tensors(report)), [tuple(t.shape) for t in tensors(report)]
+    assert all(len(layer["_kept"]) == 60 for layer in report["layers"])  # what the plot draws, per layer
+
+
+def test_max_tokens_bounds_the_text_handed_to_the_tokenizer():
+    class CountingTokenizer:  # one token per word, like a word-level vocabulary
+        characters = 0
+
+        def __call__(self, texts):
+            self.characters += sum(map(len, texts))
+            return {"input_ids": [[len(word) for word in text.split()] for text in texts]}
+
+    line = " ".join(["word"] * 200_000)  # one 1 MB line: one document
+    tokenizer = CountingTokenizer()
+    windows = list(token_windows(tokenizer, [line, "more text"], seq_len=8, max_tokens=50))
+    assert sum(map(len, windows)) == 50 and all(w == [4] * len(w) for w in windows)
+    assert tokenizer.characters < 20_000  # the whole line is 1 MB
+    # a budget larger than the first prefix yields: the prefix grows until it yields enough
+    many = list(token_windows(CountingTokenizer(), [line], seq_len=512, max_tokens=5_000))
+    assert sum(map(len, many)) == 5_000
+
+
+def test_edit_and_collect_take_a_budget_a_temperature_and_threads(model_dir, data_txt, tmp_path, capsys):
+    from torch_crisp.cli import build_parser
+
+    args = build_parser().parse_args(["collect", "--model", str(model_dir), "--data", str(data_txt), "--out",
+                                      str(tmp_path / "f"), "--temperature", "3", "--threads", "1"])
+    assert (args.temperature, args.threads) == (3.0, 1)
+    edit = build_parser().parse_args(["edit", "--model", "m", "--edits", "e.json", "--out", "o",
+                                      "--capability-budget", "0.01", "--threads", "1"])
+    assert edit.capability_budget == 0.01
+    assert main(["collect", "--model", str(model_dir), "--data", str(data_txt), "--out", str(tmp_path / "g"),
+                 "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert main(["collect", "--model", str(model_dir), "--data", str(data_txt), "--out", str(tmp_path / "h"),
+                 "--temperature", "3", "--quiet"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    loaded = CrispProjector.from_pretrained(tmp_path / "h", AutoModelForCausalLM.from_pretrained(model_dir))
+    assert loaded.config.temperature == 3.0

@@ -110,3 +110,33 @@ def test_mask_not_matching_the_token_layout_is_explained():
     batch["attention_mask"] = batch["attention_mask"][:, :5]
     with pytest.raises((ValueError, RuntimeError)):
         projector.collect([batch], progress=False)
+
+
+def test_a_tied_target_warns_once_naming_both_modules():
+    from tiny_models import tiny_gpt2
+
+    model = tiny_gpt2()  # lm_head.weight is transformer.wte.weight
+    with pytest.warns(UserWarning, match=r"'lm_head' with 'transformer\.wte'") as record:
+        projector = CrispProjector(model, CrispConfig(target_modules=["lm_head", "mlp.c_proj"]))
+    assert len([w for w in record if "tied" in str(w.message)]) == 1
+    assert "lm_head" in projector.target_names
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # untied targets: silent
+        CrispProjector(model, CrispConfig(target_modules=["mlp.c_proj"]))
+
+
+def test_edit_limit_below_one_and_folders_as_files_are_refused(tmp_path):
+    from torch_crisp.corpus import read_documents
+    from torch_crisp.editing.requests import load_requests
+
+    edits = tmp_path / "edits.json"
+    edits.write_text('[{"prompt": "a", "target_new": "b"}, {"prompt": "c", "target_new": "d"}]')
+    assert len(load_requests(edits, limit=1)) == 1
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        load_requests(edits, limit=0)  # used to return one record
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        load_requests(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        read_documents(tmp_path)  # used to say "does not exist"

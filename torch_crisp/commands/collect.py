@@ -13,9 +13,22 @@ from typing import Any
 
 import torch
 
-from .common import DTYPES, CLIError, load_hf_model, resolve_device
+from .common import (
+    DTYPES,
+    CLIError,
+    add_threads_argument,
+    apply_threads,
+    check_fraction,
+    check_input_file,
+    check_model_folder,
+    check_output_folder,
+    check_positive_int,
+    check_seed,
+    load_hf_model,
+    resolve_device,
+)
 
-__all__ = ["register_collect", "run_collect"]
+__all__ = ["check_collect_arguments", "register_collect", "run_collect"]
 
 
 def register_collect(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +53,10 @@ def register_collect(subparsers: argparse._SubParsersAction) -> None:
     )
     targets.add_argument("--target-regex", metavar="REGEX", help="regular expression matched against full module names")
     parser.add_argument("--gamma", type=float, default=0.9, help="energy threshold stored in the config (default 0.9)")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0,
+        help="softmax temperature of the collection (default 1: the plain Fisher; see docs/editing.md)",
+    )
     parser.add_argument("--max-tokens", type=int, metavar="N", help="stop after N (non-padding) tokens")
     parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward/backward pass (default 8)")
@@ -65,32 +82,18 @@ def register_collect(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-basis", action="store_true", help="also save eigenbases (bigger; faster loading)")
     parser.add_argument("--no-weight-hash", action="store_true", help="do not record hashes of the target weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_threads_argument(parser)
     parser.set_defaults(func=run_collect)
 
 
 def run_collect(args: argparse.Namespace) -> int:
     from .._version import __version__
-    from ..config import CrispConfig
     from ..corpus import lm_batches, pad_token_id, read_documents, token_windows
     from ..projector import CrispProjector
 
-    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise CLIError(f"{flag} must be a positive integer, got {value}")
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise CLIError(f"--max-tokens must be at least 2, got {args.max_tokens}")
-    if args.target_regex is not None:
-        target_modules: Any = args.target_regex
-    elif args.target_modules is None:
-        target_modules = ["mlp.down_proj"]
-    elif args.target_modules == ["all-linear"]:
-        target_modules = "all-linear"
-    else:
-        target_modules = args.target_modules
-    config = CrispConfig(
-        target_modules=target_modules, gamma=args.gamma, factor_dtype=args.factor_dtype,
-        curvature=args.curvature, fisher=args.fisher,
-    )
+    check_collect_arguments(args)  # every mistake is reported before the model loads
+    apply_threads(args)
+    config = _config(args)
     device = resolve_device(args.device)
     documents = read_documents(args.data, split=args.split, text_field=args.text_field)
     model, tokenizer = load_hf_model(Path(args.model), args.dtype, device, args.quiet)
@@ -138,3 +141,40 @@ def run_collect(args: argparse.Namespace) -> int:
         print(f"kept directions at gamma={config.gamma}: mean {sum(kept.values()) / len(kept):.1%} "
               f"(torch-crisp inspect {folder} for the details)")
     return 0
+
+
+def check_collect_arguments(args: argparse.Namespace) -> None:
+    """``CLIError`` for any invalid argument or path of ``collect``; creates and reads nothing."""
+    check_positive_int("--seq-len", args.seq_len, minimum=2)  # a window needs a next-token target
+    check_positive_int("--batch-size", args.batch_size)
+    check_positive_int("--max-tokens", args.max_tokens, minimum=2)
+    check_fraction("--gamma", args.gamma)
+    check_seed("--seed", args.seed)
+    if not args.text_field:
+        raise CLIError("--text-field must name a field of the .jsonl objects, got an empty string")
+    check_model_folder(Path(args.model))
+    check_input_file("--data", Path(args.data), (".txt", ".jsonl"))
+    check_output_folder("--out", Path(args.out), input_model=Path(args.model))
+    resolve_device(args.device)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The :class:`CrispConfig` the flags describe (``CLIError`` naming the flag if invalid)."""
+    from ..config import CrispConfig
+
+    if args.target_regex is not None:
+        target_modules: Any = args.target_regex
+    elif args.target_modules is None:
+        target_modules = ["mlp.down_proj"]
+    elif args.target_modules == ["all-linear"]:
+        target_modules = "all-linear"
+    else:
+        target_modules = args.target_modules
+    try:
+        return CrispConfig(
+            target_modules=target_modules, gamma=args.gamma, factor_dtype=args.factor_dtype,
+            curvature=args.curvature, fisher=args.fisher, temperature=args.temperature,
+        )
+    except ValueError as err:
+        flags = "--temperature" if "temperature" in str(err) else "--target-modules / --target-regex"
+        raise CLIError(f"{flags}: {err}") from None

@@ -240,12 +240,20 @@ def _records_jsonl(path: Path, text: str) -> Iterable[tuple[str, Any]]:
 def load_requests(path: str | Path, limit: int | None = None) -> list[EditRequest]:
     """Read edit requests from a JSON or JSON Lines file (formats: see the module docstring).
 
+    Args:
+        limit: read only the first ``limit`` records (at least 1).
+
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError / IsADirectoryError: the file does not exist, or is a folder.
         EditDataError: a record is malformed (the message names the record and field), or the
             file holds no records.
+        ValueError: ``limit`` is below 1.
     """
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive number of edit records, got {limit!r}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"edit file {path} is a folder; pass a .json or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"edit file {path} does not exist")
     requests: list[EditRequest] = []

@@ -8,28 +8,34 @@ on the same criterion (every edit learnt, teacher-forced, or an epoch budget). T
 * locality: neighbour prompts (same relation, other entities) vs the base model's own answers;
   ``locality_subject``: the edited subject's *other* relations vs the base model's answers;
 * capability: exact-match accuracy on held-out skill problems (addition, list reversal), and
-  perplexity on held-out capability text.
+  perplexity on held-out capability text;
+* capability loss: the mean per-token loss on the held-out text (``log`` of the perplexity), its
+  tempered form (``logits / T``, the loss the collected curvature describes) and the tempered loss
+  on the capability corpus itself; each row records their increase over the base model beside
+  K-FAC's predictions ``L̂`` (:meth:`.methods.MethodBuilder.predictions`).
 
-Methods: ``ft`` (plain fine-tuning), ``crisp`` (K-FAC projection of gradients), ``crisp-update``
-(projection of Adam's updates), ``crisp-ekfac`` (EK-FAC curvature, Adam's updates projected),
-``activations`` (AlphaEdit-style projection from the input factor
-only), ``lora`` and ``lora-crisp`` (peft LoRA on the same layers, unconstrained / constrained).
+Methods (:mod:`.methods`, :mod:`.peers`): ``ft`` (plain fine-tuning), ``crisp`` (K-FAC projection
+of gradients), ``crisp-update`` (projection of Adam's updates), ``crisp-ekfac`` (EK-FAC curvature,
+Adam's updates projected), ``crisp-budget`` (a capability budget instead of ``γ``),
+``activations`` (AlphaEdit-style projection from the input factor only), ``lora`` and
+``lora-crisp`` (peft LoRA on the same layers, unconstrained / constrained), ``corda`` (peft's
+CorDA, knowledge-preserved mode), ``ewc`` and ``l2sp`` (quadratic penalties). ``NAME:VALUE`` rows
+carry their setting (:mod:`.grid`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..batching import collate_texts
+from ...losses import num_loss_terms, tempered_dict_loss
 from ..evaluation import (
     evaluate_requests,
     exact_match,
@@ -38,72 +44,59 @@ from ..evaluation import (
     normalize_answer,
     perplexity,
 )
-from ..loop import EditSettings, apply_edits, train_only
-from .plot import write_tradeoff_svg
-from .pretrain import ModelSpec, TrainSpec, load_or_pretrain
-from .world import World, WorldSpec, build_world
+from ..loop import EditSettings, apply_edits
+from .environment import (
+    captured_library_warnings,
+    machine_record,
+    no_transformers_progress_bars,
+    summarize_warnings,
+    torch_threads,
+)
+from .export import export_world
+from .grid import GRID_RULE, choose_settings
+from .methods import MethodBuilder, text_batches
+from .plot import points_from_results, write_reliability_png, write_tradeoff_png
+from .pretrain import TrainSpec, cache_path, count_parameters, is_cached, load_or_pretrain
+from .report import TABLE_LEGEND, format_row, format_table, plan_lines, table_header
+from .settings import ALL_METHODS, DemoSettings
+from .sweep import sweep_record, write_sweep_png
+from .world import World, build_world
 
-__all__ = ["ALL_METHODS", "DemoSettings", "format_table", "run_demo"]
+__all__ = ["ALL_METHODS", "DemoSettings", "format_table", "grid_choice", "mean_token_loss", "run_demo"]
 
-ALL_METHODS = ("ft", "crisp", "crisp-update", "crisp-ekfac", "activations", "lora", "lora-crisp")
-
-
-@dataclass
-class DemoSettings:
-    """Everything ``torch-crisp demo`` can change (the CLI maps its flags onto these)."""
-
-    quick: bool = False
-    num_edits: int | None = None  # default: 100 (6 with quick)
-    num_anchors: int | None = None  # anchor entities of the capability corpus (default: WorldSpec's)
-    methods: Sequence[str] = ALL_METHODS
-    gamma: float = 0.995
-    capability_temperature: float = 3.0  # softmax temperature of the curvature collection (1 = plain)
-    lr: float = 5e-3
-    lora_lr: float = 3e-3
-    lora_rank: int = 8
-    layers: Sequence[int] | None = None  # default: every block (see _default_layers)
-    max_epochs: int = 300  # EK-FAC (crisp-ekfac) needs ~270 at lr 5e-3; the others stop far earlier
-    batch_size: int = 8
-    seed: int = 0
-    cache_dir: str | None = None
-    retrain: bool = False
-    progress: bool = True
-    world_spec: WorldSpec | None = None  # overrides quick / num_edits / num_anchors / seed when given
-    model_spec: ModelSpec | None = None
-    train_spec: TrainSpec | None = None
-    log: Callable[[str], None] = field(default=print, repr=False)
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
-        if not self.methods:
-            raise ValueError("no methods to compare")
-        if not self.capability_temperature > 0:
-            raise ValueError(f"capability_temperature must be positive, got {self.capability_temperature}")
-
-    def resolved_specs(self) -> tuple[WorldSpec, ModelSpec, TrainSpec]:
-        if self.world_spec is not None:
-            world = self.world_spec
-        else:
-            if self.quick:
-                world = WorldSpec.quick(num_edits=self.num_edits or 6, seed=self.seed)
-            else:
-                world = WorldSpec(num_edits=self.num_edits or 100, seed=self.seed)
-            if self.num_anchors is not None:
-                world = replace(world, num_anchor_entities=self.num_anchors)
-        model = self.model_spec or (ModelSpec.quick() if self.quick else ModelSpec())
-        train = self.train_spec or (TrainSpec.quick() if self.quick else TrainSpec())
-        return world, model, train
-
+LOSS_KEYS = ("heldout_loss", "heldout_tempered_loss", "corpus_tempered_loss")
 
 # ----------------------------------------------------------------------------- measurement
+@torch.no_grad()
+def mean_token_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]], temperature: float = 1.0) -> float:
+    """Mean per-token next-token cross-entropy of ``logits / temperature`` over ``batches``.
+
+    With ``temperature=1`` it is the log of :func:`~torch_crisp.editing.evaluation.perplexity` on
+    the same texts. The model is left in the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    total, terms = 0.0, 0
+    try:
+        for batch in batches:
+            loss = tempered_dict_loss(model, batch, temperature)
+            if loss is not None:
+                total += float(loss)
+                terms += num_loss_terms(model, batch["labels"])
+    finally:
+        model.train(was_training)
+    return total / max(terms, 1)
+
+
 class _Evaluator:
     """Measures a model on the world; holds the base model's reference answers."""
 
-    def __init__(self, world: World, tokenizer: Any, base_model: Any) -> None:
+    def __init__(self, world: World, tokenizer: Any, base_model: Any, temperature: float) -> None:
         self.world = world
         self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.heldout = text_batches(tokenizer, world.heldout_texts())
+        self.corpus = text_batches(tokenizer, world.capability_texts())
         self.requests = world.edit_requests()
         self.subject_prompts = world.subject_probes()
         self.reference = locality_reference(base_model, tokenizer, self.requests, max_new_tokens=8)
@@ -118,6 +111,9 @@ class _Evaluator:
             hits = [c for c, p in zip(correct, problems) if p.skill == skill]
             result[f"skill_{skill}"] = sum(hits) / len(hits)
         result["perplexity"] = perplexity(model, self.tokenizer, self.world.heldout_texts())
+        result["heldout_loss"] = mean_token_loss(model, self.heldout)
+        result["heldout_tempered_loss"] = mean_token_loss(model, self.heldout, self.temperature)
+        result["corpus_tempered_loss"] = mean_token_loss(model, self.corpus, self.temperature)
         return result
 
     def __call__(self, model: Any) -> dict[str, Any]:
@@ -130,19 +126,18 @@ class _Evaluator:
         return metrics
 
 
-# ----------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------- kept for other callers
+# The demo itself collects with CrispConfig(temperature=...) (bit-identical factors, docs/editing.md).
+# benchmarks/spectra.py and tests/test_editing.py still import these two.
 def _capability_batches(world: World, tokenizer: Any, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-    texts = world.capability_texts()
-    return [collate_texts(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return text_batches(tokenizer, world.capability_texts(), batch_size)
 
 
 def tempered_lm_loss(temperature: float) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
     """Sum-reduced next-token cross-entropy of ``logits / temperature`` (a ``collect`` ``loss_fn``).
 
-    A fact the model has memorised is predicted with probability ≈ 1, so its output gradients —
-    and with them its share of the empirical Fisher (or Gauss-Newton) curvature — all but vanish,
-    although a finite edit step flips it. Softening the predictive distribution while collecting
-    lets those directions count; ``temperature=1`` is the plain empirical Fisher.
+    What ``CrispConfig(temperature=...)`` now does for dict batches; kept for its callers outside
+    the demo.
     """
 
     def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,65 +151,6 @@ def tempered_lm_loss(temperature: float) -> Callable[[Any, dict[str, torch.Tenso
     return loss_fn
 
 
-def _lora_model(model: Any, targets: list[str], rank: int) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none", target_modules=targets)
-    return get_peft_model(copy.deepcopy(model), config)
-
-
-class _Methods:
-    """Builds each method's (model, optimizer) pair on the shared base weights."""
-
-    def __init__(self, model: Any, targets: list[str], batches: list, settings: DemoSettings) -> None:
-        self.model = model
-        self.targets = targets
-        self.batches = batches
-        self.settings = settings
-        self.base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._projectors: dict[str, tuple[Any, float]] = {}
-
-    def projector(self, curvature: str, model: Any | None = None) -> tuple[Any, float]:
-        """Projector with the given curvature model (collected once per model; seconds spent)."""
-        from torch_crisp import CrispConfig, CrispProjector
-
-        key = curvature if model is None else f"{curvature}@lora"
-        if key not in self._projectors:
-            config = CrispConfig(target_modules=self.targets, gamma=self.settings.gamma, curvature=curvature)
-            start = time.perf_counter()
-            projector = CrispProjector(model if model is not None else self.model, config)
-            temperature = self.settings.capability_temperature
-            loss_fn = None if temperature == 1.0 else tempered_lm_loss(temperature)
-            projector.collect(self.batches, progress=False, loss_fn=loss_fn)
-            self._projectors[key] = (projector, time.perf_counter() - start)
-        return self._projectors[key]
-
-    def build(self, method: str) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
-        from torch_crisp import CrispOptimizer
-
-        s = self.settings
-        # Every method starts from the base weights (the previous method edited them in place).
-        self.model.load_state_dict(self.base_state)
-        if method.startswith("lora"):
-            model = _lora_model(self.model, self.targets, s.lora_rank)
-            params = [p for p in model.parameters() if p.requires_grad]
-            inner = torch.optim.Adam(params, lr=s.lora_lr)
-            if method == "lora":
-                return model, inner, {}
-            projector, seconds = self.projector("kfac", model)
-            info = {"collect_seconds": seconds, "lora_kept_fraction": projector.lora_kept_fraction()}
-            return model, CrispOptimizer(inner, projector, mode="grad"), info
-        params = train_only(self.model, self.targets)
-        inner = torch.optim.Adam(params, lr=s.lr)
-        if method == "ft":
-            return self.model, inner, {}
-        curvature = {"activations": "activations", "crisp-ekfac": "ekfac"}.get(method, "kfac")
-        projector, seconds = self.projector(curvature)
-        mode = "update" if method in ("crisp-update", "crisp-ekfac") else "grad"
-        info = {"collect_seconds": seconds, "kept_fraction": projector.kept_fraction()}
-        return self.model, CrispOptimizer(inner, projector, mode=mode), info
-
-
 # ----------------------------------------------------------------------------- the run
 def _default_layers(num_layers: int) -> list[int]:
     # Every block's MLP output projection. With only the two middle blocks, 100 edits did not land
@@ -223,27 +159,7 @@ def _default_layers(num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
-def run_demo(settings: DemoSettings, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Pretrain (or load) the base model, edit it with every method, measure, write results.
-
-    Writes ``results.json`` and ``tradeoff.svg`` to ``out_dir`` when given, and returns the
-    results dictionary (shape documented in ``docs/editing.md``).
-    """
-    log = settings.log
-    start_all = time.perf_counter()
-    world_spec, model_spec, train_spec = settings.resolved_specs()
-    world = build_world(world_spec)
-    base = load_or_pretrain(
-        world,
-        model_spec,
-        train_spec,
-        cache_dir=settings.cache_dir,
-        retrain=settings.retrain,
-        progress=settings.progress,
-    )
-    model, tokenizer = base.model, base.tokenizer
-    how = "loaded from cache" if base.record.get("cached") else f"pretrained in {base.record['seconds']:.0f} s"
-    log(f"base model: {base.record['num_parameters']:,} parameters, {how} ({base.path})")
+def _warn_if_not_learnt(base: Any, train_spec: TrainSpec) -> None:
     final = base.record.get("final", {})
     if (
         final.get("fact_accuracy", 0.0) < train_spec.target_fact_accuracy
@@ -256,102 +172,186 @@ def run_demo(settings: DemoSettings, out_dir: str | Path | None = None) -> dict[
             f"{final.get('skill_accuracy', 0.0):.0%}, target {train_spec.target_skill_accuracy:.0%}): the "
             "comparison edits a model that has not learnt its world. Use a smaller world (fewer --anchors or "
             "--edits) or another --seed",
-            stacklevel=2,
+            stacklevel=4,  # the caller of run_demo
         )
-    layers = list(settings.layers) if settings.layers is not None else _default_layers(model.config.num_hidden_layers)
-    bad = [i for i in layers if not 0 <= i < model.config.num_hidden_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {model.config.num_hidden_layers} blocks")
-    targets = [f"model.layers.{i}.mlp.down_proj" for i in layers]
 
-    evaluate = _Evaluator(world, tokenizer, model)
-    base_metrics = evaluate(model)
-    base_metrics["knows_old_facts"] = sum(
-        exact_match(a, r.target_true or "")
-        for a, r in zip(generate_answers(model, tokenizer, [r.prompt for r in evaluate.requests]), evaluate.requests)
-    ) / len(evaluate.requests)
-    log(
-        f"base: capability {base_metrics['capability']:.3f}, knows {base_metrics['knows_old_facts']:.0%} of the facts "
-        f"to be edited; {len(evaluate.requests)} edits on {targets}"
-    )
-    methods = _Methods(model, targets, _capability_batches(world, tokenizer), settings)
+
+def _settings_record(settings: DemoSettings, specs: tuple, targets: list[str]) -> dict[str, Any]:
+    world_spec, model_spec, train_spec = specs
+    return {
+        "world": asdict(world_spec),
+        "model": asdict(model_spec),
+        "train": asdict(train_spec),
+        "targets": targets,
+        "methods": settings.resolved_methods(),
+        "gamma": settings.gamma,
+        "budget": settings.budget,
+        "capability_temperature": settings.capability_temperature,
+        "lr": settings.lr,
+        "lora_lr": settings.lora_lr,
+        "lora_rank": settings.lora_rank,
+        "ewc_lambda": settings.ewc_lambda,
+        "l2sp_alpha": settings.l2sp_alpha,
+        "corda_lr": settings.corda_lr,
+        "max_epochs": settings.max_epochs,
+        "batch_size": settings.batch_size,
+        "threads": settings.threads,
+    }
+
+
+def _base_metrics(evaluate: _Evaluator, model: Any, tokenizer: Any) -> dict[str, Any]:
+    metrics = evaluate(model)
+    answers = generate_answers(model, tokenizer, [r.prompt for r in evaluate.requests])
+    known = [exact_match(a, r.target_true or "") for a, r in zip(answers, evaluate.requests)]
+    metrics["knows_old_facts"] = sum(known) / len(known)
+    metrics["capability_retained"] = 1.0
+    metrics["predicted_increase"] = metrics["predicted_heldout_increase"] = 0.0
+    metrics.update({f"{key}_increase": 0.0 for key in LOSS_KEYS})
+    return metrics
+
+
+def _row(evaluate: _Evaluator, methods: MethodBuilder, edited: Any, base: dict[str, Any]) -> dict[str, Any]:
+    """The edited model's metrics, with its predicted and measured capability loss increases."""
+    metrics = evaluate(edited)
+    metrics["capability_retained"] = metrics["capability"] / base["capability"] if base["capability"] else None
+    metrics.update(methods.predictions(edited))
+    for key in LOSS_KEYS:
+        metrics[f"{key}_increase"] = metrics[key] - base[key]
+    return metrics
+
+
+def _run_methods(settings: DemoSettings, methods: MethodBuilder, evaluate: _Evaluator, results: dict[str, Any]) -> None:
+    """Edit with every method in turn; rows go to ``results`` and, as they come, to the table."""
     edit_settings = EditSettings(
         max_epochs=settings.max_epochs, batch_size=settings.batch_size, progress=settings.progress
+    )
+    show = settings.table or (lambda _: None)
+    methods.prepare_predictions()  # K-FAC at the base weights: every row's predictions L̂ use it
+    for name in settings.resolved_methods():
+        torch.manual_seed(settings.seed)  # LoRA's initialisation must not depend on the methods before it
+        try:
+            method = methods.build(name)
+        except ImportError as err:  # peft missing: leave LoRA and CorDA out, say why
+            results["skipped"][name] = f"{type(err).__name__}: {err}"
+            show(f"{name:<13} skipped: {err}")
+            continue
+        torch.manual_seed(settings.seed)
+        run = apply_edits(method.model, evaluate.tokenizer, evaluate.requests, method.optimizer, edit_settings)
+        metrics = {**method.info, **method.after()}
+        metrics.update(_row(evaluate, methods, method.model, results["base"]))
+        metrics["seconds"] = run.seconds
+        metrics["epochs"] = run.epochs
+        metrics["edit"] = run.to_dict()
+        results["methods"][name] = metrics
+        show(format_row(name, metrics))
+    methods.model.load_state_dict(methods.base_state)
+
+
+def grid_choice(rows: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The grid setting chosen for each peer from (mean) rows, with the rule that chose it."""
+    return {"rule": GRID_RULE, "reference": "crisp", "chosen": choose_settings(rows, "crisp")}
+
+
+def _plan(settings: DemoSettings, world: World, specs: tuple, layers: list[int]) -> None:
+    """Say what the run will do, before any work (to ``settings.log``)."""
+    _, model_spec, train_spec = specs
+    cache = cache_path(world, model_spec, train_spec, settings.cache_dir)
+    lines = plan_lines(
+        world, model_spec, train_spec, count_parameters(world, model_spec), settings.resolved_methods(), layers,
+        settings.max_epochs, torch.get_num_threads(), str(cache), is_cached(cache) and not settings.retrain,
+    )
+    for line in lines:
+        settings.log(line)
+
+
+def write_pictures(points: list, sweep: dict[str, Any] | None, out: Path, title: str) -> list[str]:
+    """tradeoff.png, reliability.png and (for a sweep) sweep.png in ``out``; the names written.
+
+    Without matplotlib nothing is drawn and the list is empty.
+    """
+    pictures = [
+        write_tradeoff_png(points, out / "tradeoff.png", f"What else the edits changed: {title}"),
+        write_reliability_png(points, out / "reliability.png", f"Edits learnt against capability kept: {title}"),
+    ]
+    if sweep is not None:
+        pictures.append(write_sweep_png(sweep, out / "sweep.png", f"Capability budget ε against γ: {title}"))
+    return [p.name for p in pictures if p is not None]
+
+
+def _write_outputs(results: dict[str, Any], out: Path, settings: DemoSettings) -> None:
+    """results.json, sweep.json (a sweep) and the pictures (none without matplotlib: one line says so)."""
+    world = results["settings"]["world"]
+    title = f"{world['num_edits']} edits per method, world seed {world['seed']}"
+    rows = {name: results["methods"][name] for name in results["methods"]}
+    sweep = sweep_record(rows, results["base"], settings) if settings.sweep else None
+    pictures = write_pictures(points_from_results(results), sweep, out, title)
+    if not pictures:
+        settings.log("no picture: matplotlib is not installed (pip install 'torch-crisp[plot]')")
+    if sweep is not None:
+        (out / "sweep.json").write_text(json.dumps(sweep, indent=1, default=float) + "\n")
+        pictures.insert(0, "sweep.json")
+    results["files"] = ["results.json", *pictures, *results["files"]]
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+
+
+def run_demo(settings: DemoSettings, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Pretrain (or load) the base model, edit it with every method, measure, write results.
+
+    Checks ``settings`` first and runs with ``settings.threads`` torch threads. With ``out_dir``,
+    writes there ``results.json``, ``tradeoff.png`` (with matplotlib) and the world and base
+    model as files (:mod:`.export`). Returns the results dictionary (shape documented in
+    ``docs/editing.md``).
+    """
+    settings.check()
+    with torch_threads(settings.threads), no_transformers_progress_bars():
+        return _run_demo(settings, Path(out_dir) if out_dir is not None else None)
+
+
+def _run_demo(settings: DemoSettings, out: Path | None) -> dict[str, Any]:
+    log, start_all = settings.log, time.perf_counter()
+    environment = machine_record()  # before any work: the load the run started at
+    specs = settings.resolved_specs()
+    world_spec, model_spec, train_spec = specs
+    world = build_world(world_spec)
+    layers = list(settings.layers) if settings.layers is not None else _default_layers(model_spec.num_hidden_layers)
+    targets = [f"model.layers.{i}.mlp.down_proj" for i in layers]
+    _plan(settings, world, specs, layers)
+    base = load_or_pretrain(
+        world, model_spec, train_spec, cache_dir=settings.cache_dir, retrain=settings.retrain,
+        progress=settings.progress,
+    )
+    model, tokenizer = base.model, base.tokenizer
+    if not base.record.get("cached"):  # the plan already said where a cached one came from
+        log(f"base model: pretrained in {base.record['seconds']:.0f} s ({base.record['steps']} steps), cached")
+    _warn_if_not_learnt(base, train_spec)
+    files = list(export_world(world, model, tokenizer, out)) if out is not None else []
+
+    evaluate = _Evaluator(world, tokenizer, model, settings.capability_temperature)
+    base_metrics = _base_metrics(evaluate, model, tokenizer)
+    log(
+        f"base: capability {base_metrics['capability']:.3f}, knows {base_metrics['knows_old_facts']:.0%} of the facts "
+        f"to be edited; {len(evaluate.requests)} edits"
     )
     results: dict[str, Any] = {
         "base": base_metrics,
         "methods": {},
         "skipped": {},
-        "settings": {
-            "world": asdict(world_spec),
-            "model": asdict(model_spec),
-            "train": asdict(train_spec),
-            "targets": targets,
-            "gamma": settings.gamma,
-            "capability_temperature": settings.capability_temperature,
-            "lr": settings.lr,
-            "lora_lr": settings.lora_lr,
-            "lora_rank": settings.lora_rank,
-            "max_epochs": settings.max_epochs,
-            "batch_size": settings.batch_size,
-        },
+        "settings": _settings_record(settings, specs, targets),
         "pretraining": {k: v for k, v in base.record.items() if k != "history"},
+        "environment": environment,
     }
-    for method in settings.methods:
-        torch.manual_seed(settings.seed)  # LoRA's initialisation must not depend on the methods before it
-        try:
-            edited, optimizer, info = methods.build(method)
-        except ImportError as err:  # peft missing: leave LoRA out, say why
-            results["skipped"][method] = f"{type(err).__name__}: {err}"
-            log(f"{method}: skipped ({err})")
-            continue
-        torch.manual_seed(settings.seed)
-        run = apply_edits(edited, tokenizer, evaluate.requests, optimizer, edit_settings)
-        metrics = evaluate(edited)
-        metrics.update(info)
-        metrics["seconds"] = run.seconds
-        metrics["edit"] = run.to_dict()
-        results["methods"][method] = metrics
-        log(format_row(method, metrics))
-    methods.model.load_state_dict(methods.base_state)
+    if settings.table is not None:
+        for line in (TABLE_LEGEND, table_header(), format_row("base", base_metrics)):
+            settings.table(line)
+    methods = MethodBuilder(model, tokenizer, targets, world.capability_texts(), settings, world.heldout_texts())
+    # Library warnings (deprecations inside peft / transformers) would land between the rows.
+    with captured_library_warnings() as messages:
+        _run_methods(settings, methods, evaluate, results)
+    if settings.grid:
+        results["grid"] = grid_choice(results["methods"])
+    results["warnings"] = summarize_warnings(messages)
     results["seconds"] = time.perf_counter() - start_all
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
-        write_tradeoff_svg(results, out / "tradeoff.svg")
+    results["files"] = files
+    if out is not None:
+        _write_outputs(results, out, settings)
     return results
-
-
-# ----------------------------------------------------------------------------- table
-_COLUMNS = (
-    ("reliability", "rel"),
-    ("generalization", "gen"),
-    ("locality", "loc"),
-    ("locality_subject", "loc-subj"),
-    ("capability", "capab"),
-    ("perplexity", "ppl"),
-    ("seconds", "edit s"),
-)
-
-
-def format_row(name: str, metrics: dict[str, Any]) -> str:
-    cells = [f"{name:<13}"]
-    for key, _ in _COLUMNS:
-        value = metrics.get(key)
-        if value is None:
-            cells.append(f"{'-':>8}")
-        elif key in ("perplexity", "seconds"):
-            cells.append(f"{value:8.2f}" if key == "perplexity" else f"{value:8.1f}")
-        else:
-            cells.append(f"{value:8.3f}")
-    return " ".join(cells)
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """The comparison as a plain-text table (base row first)."""
-    header = " ".join([f"{'method':<13}"] + [f"{label:>8}" for _, label in _COLUMNS])
-    rows = [header, format_row("base", results["base"])]
-    rows += [format_row(name, metrics) for name, metrics in results["methods"].items()]
-    rows += [f"{name:<13} skipped: {why}" for name, why in results.get("skipped", {}).items()]
-    return "\n".join(rows)

@@ -22,7 +22,16 @@ from ..batching import collate_texts
 from .tokenizer import build_tokenizer
 from .world import World
 
-__all__ = ["BaseModel", "ModelSpec", "TrainSpec", "default_cache_dir", "load_or_pretrain"]
+__all__ = [
+    "BaseModel",
+    "ModelSpec",
+    "TrainSpec",
+    "cache_path",
+    "count_parameters",
+    "default_cache_dir",
+    "is_cached",
+    "load_or_pretrain",
+]
 
 _FORMAT_VERSION = 3  # 2: world names no longer depend on the hash seed; 3: two-word names
 
@@ -118,6 +127,14 @@ def build_model(vocab_size: int, spec: ModelSpec, tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
+def count_parameters(world: World, spec: ModelSpec) -> int:
+    """Parameters of the demo model for ``world`` (built on the meta device: no memory, no time)."""
+    tokenizer = build_tokenizer(world.vocabulary())
+    with torch.device("meta"):
+        model = build_model(len(tokenizer), spec, tokenizer)
+    return sum(p.numel() for p in model.parameters())
+
+
 @torch.no_grad()
 def answer_accuracy(model: Any, tokenizer: Any, prompts: list[str], answers: list[str], batch_size: int = 256) -> float:
     """Teacher-forced fraction of prompts whose answer tokens are all the argmax (cheap check)."""
@@ -148,6 +165,15 @@ def _progress_checks(model: Any, tokenizer: Any, world: World) -> dict[str, floa
     return checks
 
 
+def _progress_text(checks: dict[str, float], spec: TrainSpec, loss: float) -> str:
+    """The bar's postfix: each check against the target that stops training, and the step budget."""
+    return (
+        f"facts {checks['fact_accuracy']:.2f}/{spec.target_fact_accuracy:.2f}, "
+        f"skills {checks['skill_accuracy']:.2f}/{spec.target_skill_accuracy:.2f} "
+        f"(stops at both targets or {spec.max_steps} steps), loss {loss:.3f}"
+    )
+
+
 def pretrain(
     world: World, model_spec: ModelSpec, train_spec: TrainSpec, progress: bool = True
 ) -> tuple[Any, Any, dict]:
@@ -173,9 +199,11 @@ def pretrain(
     order: list[str] = []
     checks: dict[str, float] = {}
     history = []
-    bar = tqdm(range(train_spec.max_steps), disable=not progress, desc="pretraining demo model")
+    # No total: training stops once the checks reach their targets, usually long before max_steps,
+    # and a bar over max_steps showed an hours-long estimate for a run that ended in minutes.
+    bar = tqdm(total=None, disable=not progress, desc="pretraining demo model", unit=" steps")
     step = 0
-    for step in bar:
+    for step in range(train_spec.max_steps):
         model.train()
         if len(order) < train_spec.batch_size:
             order = texts[:]
@@ -188,15 +216,12 @@ def pretrain(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
         if (step + 1) % train_spec.check_every == 0 or step + 1 == train_spec.max_steps:
             model.eval()
             checks = _progress_checks(model, tokenizer, world)
             history.append({"step": step + 1, "loss": float(loss.detach()), **checks})
-            bar.set_postfix(
-                loss=f"{float(loss.detach()):.3f}",
-                facts=f"{checks['fact_accuracy']:.2f}",
-                skills=f"{checks['skill_accuracy']:.2f}",
-            )
+            bar.set_postfix_str(_progress_text(checks, train_spec, float(loss.detach())))
             if (
                 checks["fact_accuracy"] >= train_spec.target_fact_accuracy
                 and checks["skill_accuracy"] >= train_spec.target_skill_accuracy
@@ -207,11 +232,23 @@ def pretrain(
     record = {
         "steps": step + 1,
         "seconds": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
         "final": checks,
         "history": history,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
     return model, tokenizer, record
+
+
+def cache_path(world: World, model_spec: ModelSpec, train_spec: TrainSpec, cache_dir: str | Path | None = None) -> Path:
+    """The folder the base model of these specs is (or will be) cached in."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "demo" / _cache_key(world, model_spec, train_spec)
+
+
+def is_cached(path: Path) -> bool:
+    """Whether ``path`` holds a complete cached base model (its record is written last)."""
+    return (path / "pretraining.json").is_file()
 
 
 def load_or_pretrain(
@@ -225,10 +262,9 @@ def load_or_pretrain(
     """The cached base model for these specs, pretraining (and caching) it when needed."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / "demo" / _cache_key(world, model_spec, train_spec)
+    path = cache_path(world, model_spec, train_spec, cache_dir)
     record_file = path / "pretraining.json"
-    if record_file.is_file() and not retrain:
+    if is_cached(path) and not retrain:
         model = LlamaForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model.eval()
