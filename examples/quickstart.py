@@ -14,7 +14,7 @@ def batch(seed):  # stand-in for your data: dicts with input_ids / attention_mas
 
 projector = CrispProjector(model, CrispConfig(target_modules=["mlp.down_proj"], gamma=0.9))
 projector.collect([batch(s) for s in range(8)], progress=False)   # capability data, once
-optimizer = CrispOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), projector, mode="update")
+optimizer = CrispOptimizer(torch.optim.AdamW(projector.projected_parameters(), lr=1e-3), projector)
 
 for step in range(5):                                             # your loop, unchanged
     loss = model(**batch(100 + step)).loss
