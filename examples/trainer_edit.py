@@ -127,7 +127,7 @@ def protected(base, edit, capability_batches, args, out, config: CrispConfig) ->
         delta = state.geometry.weight.detach() - before[name]
         leaks.append(float((delta - projector.project(name, delta)).norm() / delta.norm().clamp_min(1e-30)))
     row = {"model": model, "steps": steps, "max_relative_leak": max(leaks),
-           "predicted_increase": projector.predicted_capability_increase, "budget_mu": projector.budget_mu}
+           "predicted_increase": callback.constraint.current_predicted_increase(), "budget_mu": projector.budget_mu}
     return row, callback
 
 

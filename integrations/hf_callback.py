@@ -367,6 +367,11 @@ class CrispCallback(TrainerCallback):
         if logs is None or "loss" not in logs:
             return  # only training logs carry the statistics (not eval or the final summary)
         added = dict(self._latest)
+        if _PREDICTED not in added and self._delegate is None and self.constraint.anchored:
+            # the complement path's steps do not compute L̂; once per log it is cheap
+            predicted = self.constraint.current_predicted_increase()
+            if predicted is not None:
+                added[_PREDICTED] = predicted
         if self._pending:
             added[_REMOVED] = sum(self._pending) / len(self._pending)
             self._pending.clear()

@@ -88,6 +88,23 @@ def test_sgd_grad_mode_total_change_in_kept_subspace_and_logged(tmp_path):
     assert logged == pytest.approx([f for _, f in callback.removed_fractions])
 
 
+def test_the_prediction_is_logged_whichever_path_projects(tmp_path):
+    # The complement path's steps skip the full rotation L̂ needs; the callback computes it at log time.
+    logged = {}
+    for projection in ("full", "complement"):
+        model = make_model()
+        projector = CrispProjector(model, CrispConfig(target_modules=TARGETS, gamma=0.9, projection=projection))
+        projector.collect([lm_batch(s) for s in range(3)], progress=False)
+        trainer = train(model, args_for(tmp_path / projection, optim="adamw_torch", learning_rate=1e-2),
+                        [CrispCallback(projector)])
+        history = trainer.state.log_history
+        logged[projection] = [e["crisp/predicted_capability_increase"] for e in history if "loss" in e]
+        if projection == "complement":  # the steps themselves did not know it
+            assert projector.predicted_capability_increase is None
+    assert len(logged["full"]) == 4 and all(v > 0 for v in logged["full"])
+    assert logged["complement"] == pytest.approx(logged["full"], rel=1e-3)
+
+
 def test_without_callback_the_same_run_leaks(tmp_path):
     # control for the test above: the leak bound is not met by plain fine-tuning
     model = make_model()

@@ -159,6 +159,28 @@ class TrainingConstraint:
         self._before, self._lora_before, self._grad_stats = {}, [], None
         return stats
 
+    @torch.no_grad()
+    def current_predicted_increase(self) -> float | None:
+        """``L̂ = ½ Σ c Ũ²`` of the kept part of the whole change ``W − W₀`` now, by the full rotation.
+
+        A step on the complement path does not know ``L̂`` (the full rotation is what it saves), so
+        ``predicted_increase`` is ``None`` then; this computes it on request, e.g. once per logged step.
+        ``None`` before the anchor exists, with blocked-only basis storage (no full rotation is
+        stored) or with bases sharded over ranks (no rank holds every one).
+        """
+        if not self._anchor or self.projector.bases_sharded:
+            return None
+        total = 0.0
+        for state in self._trainable():
+            if state.name not in self._anchor:
+                continue
+            if not isinstance(state.require_basis(), Basis):
+                return None
+            coefficients = self._kept_coefficients(state, self._change(state))
+            curvature = state.curvature_grid(coefficients.device)
+            total += BudgetTerm(coefficients, curvature, state.basis.mask, self._column_row(state)).predicted_increase()
+        return total
+
     # ----------------------------------------------------------------- the anchor W₀
     def _ensure_anchor(self) -> None:
         """Anchor ``W₀`` for layers without one, or whose basis changed since they were anchored.

@@ -134,7 +134,11 @@ class CrispProjector(ProjectorPersistence):
 
     @property
     def predicted_capability_increase(self) -> float | None:
-        """``L̂ = ½ Σ c Ũ²`` of the cumulative change at the last step (update mode or with a budget)."""
+        """``L̂ = ½ Σ c Ũ²`` of the cumulative change at the last step (update mode or with a budget).
+
+        ``None`` when a layer took the complement path, which skips the rotation ``L̂`` needs; then
+        ``CrispOptimizer.constraint.current_predicted_increase()`` computes it on request.
+        """
         return None if self.last_projection is None else self.last_projection.predicted_increase
 
     @property
