@@ -95,11 +95,13 @@ def test_all_linear_covers_every_linear_layer_of_the_blocks():
     assert set(projector.target_names) == expected and len(expected) == 7 * 2
 
 
-def test_trl_sft_trainer_example_keeps_the_change_in_the_kept_subspace():
+@pytest.mark.parametrize("flags", [[], ["--dpo"]], ids=["sft", "dpo"])
+def test_trl_trainers_example_keeps_the_change_in_the_kept_subspace(flags):
     spec = importlib.util.spec_from_file_location("trl_sft_example", ROOT / "examples" / "trl_sft.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--steps", "3"])
+    result = module.main(["--steps", "3", *flags])
+    assert result["min_change_norm"] > 1e-3  # every projected layer trained
     assert result["max_relative_leak"] < 1e-5
 
 
