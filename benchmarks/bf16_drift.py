@@ -27,7 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import benchmark_llama, benchmark_parser, lm_batches, print_table, set_threads, write_result  # noqa: E402
+from common import (  # noqa: E402
+    benchmark_llama,
+    change_in_blocked_directions,
+    lm_batches,
+    print_table,
+    run_from_command_line,
+    write_result,
+)
 
 from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector, functional  # noqa: E402
 
@@ -42,20 +49,6 @@ def _setup(dtype: torch.dtype, smoke: bool):
     for name, p in model.named_parameters():
         p.requires_grad_(any(t in name for t in TARGETS))
     return model, projector
-
-
-def _measure(projector: CrispProjector, start: dict[str, torch.Tensor]) -> dict[str, float]:
-    leak, predicted, blocked_predicted = 0.0, 0.0, 0.0
-    for name, state in projector.layers.items():
-        basis = state.basis
-        delta = state.geometry.weight.detach().double() - start[name]
-        rotated = basis.U_out.double().mT @ delta @ basis.U_in.double()
-        curvature = torch.outer(basis.eig_out.double(), basis.eig_in.double())
-        blocked = rotated * (~basis.mask)
-        leak = max(leak, float(blocked.norm() / rotated.norm()))
-        predicted += 0.5 * float((curvature * rotated.square()).sum())
-        blocked_predicted += 0.5 * float((curvature * blocked.square()).sum())
-    return {"leak": leak, "predicted_increase": predicted, "blocked_predicted_increase": blocked_predicted}
 
 
 def run_one(kind: str, lr: float, steps: int, smoke: bool) -> dict[str, float]:
@@ -80,7 +73,7 @@ def run_one(kind: str, lr: float, steps: int, smoke: bool) -> dict[str, float]:
         else:
             optimizer.step()
         optimizer.zero_grad()
-    return _measure(projector, start)
+    return change_in_blocked_directions(projector, start)
 
 
 def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = None) -> dict:
@@ -102,10 +95,7 @@ def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = benchmark_parser(__doc__)
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    run(smoke=args.smoke, rounds=args.rounds, out_dir=args.out)
+    run_from_command_line(run, __doc__, argv)
 
 
 if __name__ == "__main__":

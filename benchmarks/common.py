@@ -207,3 +207,23 @@ def run_from_command_line(run: Callable[..., Any], doc: str, argv: list[str] | N
     args = benchmark_parser(doc).parse_args(argv)
     set_threads(args.threads)
     run(smoke=args.smoke, rounds=args.rounds, out_dir=args.out)
+
+
+def change_in_blocked_directions(projector: Any, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How much of each target weight's change since ``start`` lies in blocked directions.
+
+    ``leak``: the largest ``‖blocked part‖ / ‖Ũ‖`` over the layers (``Ũ = U_outᵀ (W − W_start) U_in``);
+    ``predicted_increase``: K-FAC's ``½ Σ c Ũ²`` of the whole change; ``blocked_predicted_increase``:
+    the same over the blocked directions only. Computed in float64 from the stored weights.
+    """
+    leak, predicted, blocked_predicted = 0.0, 0.0, 0.0
+    for name, state in projector.layers.items():
+        basis = state.basis
+        delta = state.geometry.weight.detach().double() - start[name].double()
+        rotated = basis.U_out.double().mT @ delta @ basis.U_in.double()
+        curvature = state.curvature_grid().double()
+        blocked = rotated * (~basis.mask)
+        leak = max(leak, float(blocked.norm() / rotated.norm().clamp_min(1e-300)))
+        predicted += 0.5 * float((curvature * rotated.square()).sum())
+        blocked_predicted += 0.5 * float((curvature * blocked.square()).sum())
+    return {"leak": leak, "predicted_increase": predicted, "blocked_predicted_increase": blocked_predicted}

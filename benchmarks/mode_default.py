@@ -20,32 +20,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import trainer_edit as example  # noqa: E402
-from common import benchmark_parser, print_table, set_threads, write_result  # noqa: E402
+from common import change_in_blocked_directions, print_table, run_from_command_line, write_result  # noqa: E402
 from torch_crisp.integrations.hf_trainer import CrispCallback  # noqa: E402
 
 from torch_crisp import CrispConfig, CrispProjector  # noqa: E402
 from torch_crisp.monitor import mean_token_loss  # noqa: E402
-
-
-def _blocked_and_total(projector: CrispProjector, before: dict[str, torch.Tensor]) -> dict[str, float]:
-    leak, blocked_predicted, predicted = 0.0, 0.0, 0.0
-    for name, state in projector.layers.items():
-        basis = state.basis
-        delta = state.geometry.weight.detach().double() - before[name]
-        rotated = basis.U_out.double().mT @ delta @ basis.U_in.double()
-        curvature = state.curvature_grid().double()
-        blocked = rotated * (~basis.mask)
-        leak = max(leak, float(blocked.norm() / rotated.norm().clamp_min(1e-300)))
-        predicted += 0.5 * float((curvature * rotated.square()).sum())
-        blocked_predicted += 0.5 * float((curvature * blocked.square()).sum())
-    return {"leak": leak, "predicted_increase": predicted, "blocked_predicted_increase": blocked_predicted}
 
 
 def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = None) -> dict:
@@ -73,7 +57,7 @@ def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = N
                 row = {"steps": steps, "capability_loss": mean_token_loss(model, capability),
                        "edit_loss": mean_token_loss(model, example.batches(edit, 8))}
                 if mode != "plain":
-                    row.update(_blocked_and_total(projector, before))
+                    row.update(change_in_blocked_directions(projector, before))
                 results[f"{mode}@lr={lr:g}"] = row
                 extra = (f"  leak {row['leak']:.2e}  blocked L̂ {row['blocked_predicted_increase']:.2e}"
                          if mode != "plain" else "")
@@ -87,9 +71,7 @@ def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = benchmark_parser(__doc__).parse_args(argv)
-    set_threads(args.threads)
-    run(smoke=args.smoke, rounds=args.rounds, out_dir=args.out)
+    run_from_command_line(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import trainer_edit as example  # noqa: E402
-from common import benchmark_parser, print_table, set_threads, write_result  # noqa: E402
+from common import print_table, run_from_command_line, write_result  # noqa: E402
 
 from torch_crisp import CrispConfig, CrispProjector  # noqa: E402
 from torch_crisp.monitor import mean_token_loss  # noqa: E402
@@ -111,9 +111,7 @@ def run(smoke: bool = False, rounds: int | None = None, out_dir: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = benchmark_parser(__doc__).parse_args(argv)
-    set_threads(args.threads)
-    run(smoke=args.smoke, rounds=args.rounds, out_dir=args.out)
+    run_from_command_line(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from torch_crisp import (  # noqa: E402
     functional,  # noqa: E402
 )
 from torch_crisp.distributed import shard_batches  # noqa: E402
+from torch_crisp.editing.loop import train_only  # noqa: E402
 
 GPT2_TARGETS = ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]
 
@@ -275,10 +276,7 @@ def scenario_budget(rank: int, world: int, result: dict) -> None:
     config = CrispConfig(target_modules=["mlp.c_proj"], gamma=0.9, capability_budget=1e-5)
     model = tiny_gpt2(seed=1).eval()
     projector = CrispProjector(model, config)
-    trainable = projector.projected_parameters()
-    ids = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
+    trainable = train_only(model, projector.target_names)
     ddp = DistributedDataParallel(model)
     projector.collect([lm_batch(seed, batch=2, seq=10) for seed in range(4)][rank::world], progress=False)
     optimizer = CrispOptimizer(torch.optim.AdamW(trainable, lr=5e-2), projector, mode="update")
@@ -303,6 +301,13 @@ def scenario_fsdp2(rank: int, world: int, result: dict) -> None:
     def make():
         torch.manual_seed(3)
         return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def sharded():
+        model = make()
+        for i in (0, 2, 4):
+            fully_shard(model[i], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
     def loss_fn(model, batch):
         x, y = batch
@@ -397,10 +402,7 @@ def scenario_fsdp2(rank: int, world: int, result: dict) -> None:
     # Uneven shards of a sharded model: 3 batches on 2 ranks (every forward is a collective).
     entry = result["fsdp2_uneven_collect"] = {}
     try:
-        model = make()
-        for i in (0, 2, 4):
-            fully_shard(model[i], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded()
         projector = CrispProjector(model, config)
         projector.collect(capability[:3][rank::world], loss_fn=loss_fn, progress=False)
         ref = local_projector(make(), [(capability[:3], {"loss_fn": loss_fn})], config)
@@ -413,10 +415,7 @@ def scenario_fsdp2(rank: int, world: int, result: dict) -> None:
     # Collecting on an already sharded (FSDP2) model.
     entry = result["fsdp2_collect_sharded"] = {}
     try:
-        model = make()
-        for i in (0, 2, 4):
-            fully_shard(model[i], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded()
         projector = CrispProjector(model, config)
         projector.collect(capability[rank::world], loss_fn=loss_fn, progress=False)
         ref = local_projector(make(), [(capability, {"loss_fn": loss_fn})], config)

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torch_crisp import CrispConfig, CrispOptimizer, CrispProjector, distributed
 from torch_crisp.basis import RemoteBasis
+from torch_crisp.editing.loop import train_only
 from torch_crisp.memory import held_bytes
 
 TARGETS = ["mlp.c_proj", "attn.c_attn"]
@@ -35,10 +36,7 @@ def _train(rank: int, world: int, mode: str, placement: str, low_rank: str) -> d
     config = CrispConfig(target_modules=TARGETS, gamma=0.9, basis_placement=placement)
     model = tiny_gpt2(seed=1).eval()
     projector = CrispProjector(model, config)
-    trainable = projector.projected_parameters()
-    ids = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
+    trainable = train_only(model, projector.target_names)
     ddp = DistributedDataParallel(model)
     projector.collect([lm_batch(seed, batch=2, seq=10) for seed in range(4)][rank::world], progress=False)
     inner = torch.optim.SGD(trainable, lr=0.5) if mode == "grad" else torch.optim.AdamW(trainable, lr=1e-2,
